@@ -1,0 +1,3 @@
+"""megaforge: train transformer language models at any scale."""
+
+__version__ = "0.1.0"

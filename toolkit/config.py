@@ -1,0 +1,364 @@
+"""Run configuration: dataclass schemas, recipe loading, overrides and validation.
+
+A recipe YAML (``recipes/<family>/<name>.yaml``) is merged onto the :class:`RunConfig` schema, then
+``KEY=VALUE`` overrides from the command line. Unknown keys and values of the wrong type are a
+one-line :class:`~toolkit.errors.ConfigError` that names the file, line and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from toolkit.errors import ConfigError, RecipeError, closest
+
+
+@dataclass
+class ModelConfig:
+    family: str = "gpt"  # model family registered in toolkit.registry: gpt | bert | t5
+    num_layers: int = 2  # transformer layers (encoder layers for T5)
+    hidden_size: int = 64  # model width
+    ffn_hidden_size: Optional[int] = None  # MLP inner width; None → 4 × hidden_size
+    num_attention_heads: int = 4  # query heads
+    num_query_groups: Optional[int] = None  # key/value heads (grouped-query attention); None → heads
+    kv_channels: Optional[int] = None  # per-head width; None → hidden_size / heads
+    seq_length: int = 128  # training sequence length (encoder length for T5)
+    max_position_embeddings: Optional[int] = None  # learned-position table size; None → seq_length
+    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope | relative | none
+    rotary_base: float = 10000.0  # RoPE base frequency
+    normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
+    layernorm_epsilon: float = 1e-5  # epsilon of every norm
+    layernorm_position: str = "pre"  # pre (GPT, Megatron-BERT) | post (original BERT)
+    activation: str = "gelu"  # gelu | gelu_tanh | relu | swiglu | geglu
+    add_bias_linear: bool = True  # biases in attention and MLP linears
+    share_embeddings_and_output_weights: bool = True  # tie the output layer to the word embeddings
+    hidden_dropout: float = 0.1  # dropout on residual branches and embeddings
+    attention_dropout: float = 0.1  # dropout on attention probabilities
+    init_method_std: float = 0.02  # std of the normal init; output projections use std/sqrt(2L)
+    make_vocab_size_divisible_by: int = 128  # pad the vocabulary to a multiple of this (× tp)
+    vocab_size: Optional[int] = None  # true vocabulary size; None → from the tokenizer
+    recompute_granularity: str = "none"  # activation recompute: none | selective | full
+    # BERT family
+    num_tokentypes: int = 2  # token-type (segment) vocabulary; 0 disables token-type embeddings
+    bert_binary_head: bool = True  # sentence-pair head (NSP / sentence order)
+    # T5 family
+    num_decoder_layers: Optional[int] = None  # decoder layers; None → num_layers
+    decoder_seq_length: int = 32  # target length for span corruption
+    relative_attention_num_buckets: int = 32  # T5 relative position buckets
+    relative_attention_max_distance: int = 128  # T5 relative position max distance
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1  # tensor-parallel ranks (split heads, MLP, vocabulary)
+    pipeline_model_parallel_size: int = 1  # pipeline stages
+    virtual_pipeline_model_parallel_size: Optional[int] = None  # model chunks per stage (interleaved)
+    sequence_parallel: bool = False  # shard norms/dropout activations along the sequence (needs tp > 1)
+    data_parallel_sharding: str = "optimizer_and_grads"  # full | optimizer_and_grads | none (replicated)
+    pipeline_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | gpipe
+    timeout_seconds: int = 120  # collective timeout: a dead rank ends the job after this long
+
+
+@dataclass
+class DataConfig:
+    data_prefix: List[Any] = field(default_factory=list)  # indexed-dataset prefixes, optionally weighted: [0.7, a, 0.3, b]
+    corpus: str = "english"  # shipped sample corpus used when data_prefix is empty: english | clinical
+    splits_string: str = "969,30,1"  # train,valid,test proportions of documents
+    index_cache_dir: Optional[str] = None  # where sample indices are cached; None → beside the data
+    num_workers: int = 0  # data-loader worker processes
+    # BERT family
+    masked_lm_prob: float = 0.15  # fraction of tokens masked
+    short_seq_prob: float = 0.1  # probability of a shorter sample
+    whole_word_masking: bool = False  # mask whole WordPiece words
+    # T5 family
+    noise_density: float = 0.15  # fraction of tokens corrupted into spans
+    mean_noise_span_length: float = 3.0  # mean corrupted span length
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None  # tokenizer file/folder, or the name of a shipped one; None → the recipe's default
+    type: str = "auto"  # auto | sentencepiece | huggingface
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # optimizer (adamw)
+    lr: float = 3e-4  # peak learning rate
+    min_lr: float = 3e-5  # learning rate at the end of decay
+    weight_decay: float = 0.1  # decoupled weight decay (not applied to biases and norms)
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.95  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    clip_grad: float = 1.0  # global gradient-norm clip; 0 disables
+    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    lr_warmup_steps: int = 0  # linear warmup steps
+    lr_decay_steps: Optional[int] = None  # steps to decay over; None → trainer.max_steps
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100  # optimizer steps
+    micro_batch_size: int = 4  # samples per forward/backward on one rank
+    global_batch_size: int = 8  # samples per optimizer step over all data-parallel ranks
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses dynamic loss scaling)
+    initial_loss_scale: float = 65536.0  # fp16 only: starting loss scale
+    seed: int = 1234  # seed for init, data order and dropout
+    deterministic: bool = False  # force deterministic kernels (torch.use_deterministic_algorithms)
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the model
+    run_dir: Optional[str] = None  # run directory; None → runs/<recipe>
+    log_interval: int = 1  # steps between metrics lines
+    eval_interval: int = 50  # steps between validation passes; 0 disables
+    eval_iters: int = 4  # validation micro-batches per pass
+    sample_prompt: Optional[str] = None  # text to continue with the trained model at the end
+    sample_tokens: int = 40  # tokens generated for the end-of-run sample
+    num_threads: Optional[int] = None  # CPU threads for torch; None → torch's default
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 50  # steps between checkpoints (and one at the end); 0 → only at the end
+    keep_last: int = 2  # complete checkpoints kept
+    resume: bool = True  # continue from run_dir/checkpoints/latest when present
+    init_from: Optional[str] = None  # start from these weights (a megaforge checkpoint or HF folder)
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True  # log to Weights & Biases
+    mode: str = "offline"  # offline | online
+    project: str = "megaforge"  # wandb project
+    entity: Optional[str] = None  # wandb entity (team)
+    name: Optional[str] = None  # run name; None → run directory name
+
+
+@dataclass
+class LoggingConfig:
+    progress_bar: bool = True  # show a progress bar on rank 0
+    plot: bool = True  # write loss.png at the end
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; None → looked up for the device
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # recipe name
+    description: str = ""  # one line for `megaforge recipes`
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES = {
+    "model.family": ("gpt", "bert", "t5"),
+    "model.position_embedding_type": ("learned_absolute", "rope", "relative", "none"),
+    "model.normalization": ("LayerNorm", "RMSNorm"),
+    "model.layernorm_position": ("pre", "post"),
+    "model.activation": ("gelu", "gelu_tanh", "relu", "swiglu", "geglu"),
+    "model.recompute_granularity": ("none", "selective", "full"),
+    "parallel.data_parallel_sharding": ("full", "optimizer_and_grads", "none"),
+    "parallel.pipeline_schedule": ("1f1b", "interleaved_1f1b", "gpipe"),
+    "data.corpus": ("english", "clinical"),
+    "tokenizer.type": ("auto", "sentencepiece", "huggingface"),
+    "optim.name": ("adamw",),
+    "optim.lr_decay_style": ("cosine", "linear", "constant"),
+    "trainer.precision": ("fp32", "bf16", "fp16"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "logging.wandb.mode": ("offline", "online"),
+}
+
+
+def _schema_keys(cls=RunConfig, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of the schema → its dataclass field type (nested sections included)."""
+    keys: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}{f.name}"
+        keys[full] = f.type
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys.update(_schema_keys(type(default), full + "."))
+    return keys
+
+
+SCHEMA_KEYS = _schema_keys()
+
+
+def _key_lines(path: Path) -> dict[str, int]:
+    """Map dotted keys of a YAML file to their 1-based line numbers (for error messages)."""
+    import yaml
+
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    try:
+        walk(yaml.compose(path.read_text()), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _check_keys(cfg: DictConfig, where: str, lines: dict[str, int] | None = None) -> None:
+    def walk(node, prefix):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            if full not in SCHEMA_KEYS:
+                hint = closest(full, SCHEMA_KEYS)
+                at = f"{where}:{lines[full]}" if lines and full in lines else where
+                raise ConfigError(
+                    f"{at}: unknown config key '{full}'" + (f"; did you mean '{hint}'?" if hint else "")
+                )
+            child = node[k]
+            if isinstance(child, DictConfig) and full + "." in {s[: len(full) + 1] for s in SCHEMA_KEYS}:
+                walk(child, full + ".")
+
+    walk(cfg, "")
+
+
+def list_recipes() -> dict[str, Path]:
+    """Registered recipe names → their YAML files."""
+    from toolkit.assets import recipes_dir
+
+    return {p.stem: p for p in sorted(recipes_dir().glob("*/*.yaml"))}
+
+
+def resolve_recipe(recipe: str) -> Path:
+    """A recipe name or a path to a YAML file → the YAML file."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise RecipeError(f"recipe file '{recipe}' does not exist; pass a registered recipe name or a YAML path")
+        return path
+    recipes = list_recipes()
+    if recipe not in recipes:
+        hint = closest(recipe, recipes)
+        raise RecipeError(
+            f"no recipe named '{recipe}'"
+            + (f"; did you mean '{hint}'?" if hint else "")
+            + " Run `megaforge recipes` to list them."
+        )
+    return recipes[recipe]
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """``KEY=VALUE`` strings → a config, with unknown keys rejected."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not KEY=VALUE (e.g. trainer.max_steps=30)")
+    try:
+        cfg = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"command-line overrides: {str(e).splitlines()[0]}") from None
+    _check_keys(cfg, "command line")
+    return cfg
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Build a validated :class:`RunConfig` from a recipe (name or YAML path) and overrides."""
+    schema = OmegaConf.structured(RunConfig)
+    layers = [schema]
+    if recipe is not None:
+        path = resolve_recipe(recipe)
+        try:
+            layer = OmegaConf.load(path)
+        except Exception as e:  # YAML syntax errors
+            raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"{path}: a recipe must be a mapping of config sections")
+        lines = _key_lines(path)
+        _check_keys(layer, str(path), lines)
+        if "name" not in layer:
+            layer.name = path.stem
+        layers.append((layer, str(path), lines))
+    layers.append((parse_overrides(list(overrides)), "command line", {}))
+    merged = schema
+    for item in layers[1:]:
+        layer, where, lines = item
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or ""
+            at = f"{where}:{lines[key]}" if key in lines else where
+            msg = str(e).splitlines()[0]
+            raise ConfigError(f"{at}: invalid value for '{key}': {msg}") from None
+    cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def _get(cfg: RunConfig, dotted: str):
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no process group: choices, positivity, head and batch arithmetic."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            hint = closest(str(value), allowed)
+            raise ConfigError(
+                f"{key}={value!r} is not one of {', '.join(allowed)}" + (f"; did you mean '{hint}'?" if hint else "")
+            )
+    m, t = cfg.model, cfg.trainer
+    for key in ("model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.seq_length",
+                "trainer.max_steps", "trainer.micro_batch_size", "trainer.global_batch_size"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {_get(cfg, key)}")
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+            f"{m.num_attention_heads}; change one or set model.kv_channels"
+        )
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % groups:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"model.num_query_groups={groups}"
+        )
+    if m.position_embedding_type == "learned_absolute" and (m.max_position_embeddings or m.seq_length) < m.seq_length:
+        raise ConfigError(
+            f"model.seq_length={m.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}"
+        )
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
+            f"trainer.micro_batch_size={t.micro_batch_size}"
+        )
+    for key in ("model.hidden_dropout", "model.attention_dropout"):
+        if not 0.0 <= _get(cfg, key) < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {_get(cfg, key)}")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The fully resolved config as YAML (saved in every run directory)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(cfg))
+
+
+__all__ = [
+    "RunConfig", "ModelConfig", "ParallelConfig", "DataConfig", "TokenizerConfig", "OptimConfig",
+    "TrainerConfig", "CheckpointConfig", "LoggingConfig", "WandbConfig", "load_config",
+    "list_recipes", "resolve_recipe", "validate", "to_yaml", "save_config", "MISSING",
+]
