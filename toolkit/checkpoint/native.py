@@ -1,0 +1,192 @@
+"""Native checkpoints: ``run_dir/checkpoints/step_<N>/`` written with torch.distributed.checkpoint.
+
+Layout of one checkpoint::
+
+    step_<N>/.metadata, __*_*.distcp     DCP shards of {"model": ..., "optim": ...}
+    step_<N>/trainer_state.json          step, consumed samples, layout, loss scale, ...
+    latest                               the name of the last complete checkpoint
+
+A save goes to ``step_<N>.tmp/``, is fsynced, then renamed; ``latest`` moves (write + rename) only
+after that, so a run killed at any moment resumes from its last complete checkpoint. Keys are the
+single-device parameter names whatever the parallel layout, so any layout loads into any other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from toolkit.errors import CheckpointError
+
+TRAINER_STATE = "trainer_state.json"
+LATEST = "latest"
+
+# DCP warns that it runs without a process group; that is the single-process case, on purpose.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / ".metadata").is_file() and (path / TRAINER_STATE).is_file()
+
+
+def read_trainer_state(path: Path) -> dict:
+    try:
+        return json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} has no readable {TRAINER_STATE} ({e}); it is incomplete — "
+                              "delete it or point to another checkpoint") from None
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints under ``folder`` (normally ``run_dir/checkpoints``)."""
+
+    def __init__(self, folder: str | Path, *, keep_last: int = 2):
+        self.folder = Path(folder)
+        self.keep_last = max(1, keep_last)
+
+    # ---- finding -------------------------------------------------------------------------
+    def latest(self) -> Path | None:
+        """The last complete checkpoint, or None when there is none yet."""
+        pointer = self.folder / LATEST
+        if not pointer.is_file():
+            return None
+        path = self.folder / pointer.read_text().strip()
+        if not is_complete(path):
+            raise CheckpointError(
+                f"{pointer} points to {path.name}, which is missing or incomplete; "
+                "restore it or delete the pointer to start over"
+            )
+        return path
+
+    def clean_partial(self) -> None:
+        """Remove leftovers of a save that was interrupted (rank 0 only)."""
+        if _rank() == 0 and self.folder.is_dir():
+            for tmp in self.folder.glob("*.tmp"):
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        _barrier()
+
+    # ---- saving --------------------------------------------------------------------------
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+             trainer_state: dict[str, Any], *, process_group=None) -> Path:
+        """Collective over all ranks: write ``step_<step>`` atomically and move ``latest`` to it."""
+        final = self.folder / f"step_{step}"
+        tmp = self.folder / f"step_{step}.tmp"
+        if _rank() == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        state = app_state(model, optimizer)
+        dcp.save(state, checkpoint_id=str(tmp), process_group=process_group)
+        _barrier()
+        if _rank() == 0:
+            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.folder)
+            _write_atomic(self.folder / LATEST, final.name)
+            self._prune(keep=final)
+        _barrier()
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        steps = sorted((p for p in self.folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
+                       key=lambda p: int(p.name.split("_")[1]))
+        for old in steps[: max(0, len(steps) - self.keep_last)]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # ---- loading -------------------------------------------------------------------------
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+             *, process_group=None) -> dict:
+        """Load model (and optimizer) state in place from ``path``; returns its trainer state."""
+        trainer_state = read_trainer_state(path)
+        state = app_state(model, optimizer)
+        try:
+            dcp.load(state, checkpoint_id=str(path), process_group=process_group)
+        except Exception as e:  # DCP raises CheckpointException with per-rank tracebacks inside
+            raise CheckpointError(f"cannot load checkpoint {path}: {_first_line(e)}; was it written by a "
+                                  "different model configuration?") from None
+        if optimizer is None:
+            set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=StateDictOptions(strict=True))
+        return trainer_state
+
+
+def app_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """``{"model": ..., "optim": ...}`` with fully qualified single-device names (DTensors kept sharded)."""
+    if optimizer is None:
+        return {"model": get_state_dict(model, [])[0]}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def load_model_weights(path: str | Path, model: nn.Module, *, process_group=None) -> dict:
+    """Load only the model weights of a checkpoint (for generation, evaluation, export)."""
+    path = Path(path)
+    if not is_complete(path):
+        raise CheckpointError(f"{path} is not a complete megaforge checkpoint (no .metadata or {TRAINER_STATE})")
+    return CheckpointManager(path.parent).load(path, model, None, process_group=process_group)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if "Error" in line and ":" in line:
+            return line
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,121 @@
+"""The ``megaforge`` command: parses arguments and dispatches; the logic lives in the package.
+
+User errors (:class:`~toolkit.errors.MegaforgeError`) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from toolkit.errors import MegaforgeError
+
+
+def _cmd_recipes(args) -> int:
+    from toolkit.recipes import recipe_table
+
+    rows = recipe_table()
+    widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from toolkit.config import load_config
+    from toolkit.training.run import train
+
+    cfg = load_config(args.recipe, args.overrides)
+    result = train(cfg)
+    if result.metrics_path is not None:
+        print(f"run directory: {result.run_dir}")
+        print(f"metrics:       {result.metrics_path}")
+        if result.plot_path:
+            print(f"loss plot:     {result.plot_path}")
+        print(f"checkpoints:   {result.run_dir / 'checkpoints'}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from toolkit.generation import generate_text, load_run
+
+    model, tokenizer, _ = load_run(args.run_dir, device=args.device)
+    text = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(args.prompt + text)
+    return 0
+
+
+def _cmd_preprocess(args) -> int:
+    from toolkit.data.preprocess import preprocess
+
+    stats = preprocess(args.input, args.output_prefix, args.tokenizer, json_key=args.json_key, fmt=args.format,
+                       workers=args.workers)
+    print(f"wrote {args.output_prefix}.bin/.idx: {stats['documents']} documents, {stats['tokens']} tokens "
+          f"in {stats['seconds']:.1f}s")
+    return 0
+
+
+def _cmd_tokenizer_train(args) -> int:
+    from toolkit.tokenization import train_from_spec
+
+    out = train_from_spec(args.spec, args.output)
+    print(f"tokenizer written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megaforge", description="Train transformer language models at any scale.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("recipes", help="list the registered recipes")
+    s.set_defaults(func=_cmd_recipes)
+
+    s = sub.add_parser("train", help="train from a recipe name or YAML file, with KEY=VALUE overrides")
+    s.add_argument("recipe", help="registered recipe name (see `megaforge recipes`) or path to a YAML file")
+    s.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.max_steps=30 trainer.run_dir=runs/x")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("generate", help="continue a prompt with a trained run's latest checkpoint")
+    s.add_argument("run_dir", help="run directory (trainer.run_dir of the training run)")
+    s.add_argument("--prompt", required=True, help="text to continue")
+    s.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default 50)")
+    s.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    s.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("preprocess", help="tokenize jsonl/text into an indexed dataset (PREFIX.bin/.idx)")
+    s.add_argument("--input", required=True, nargs="+", help="input file(s): .jsonl, .jsonl.gz, .txt")
+    s.add_argument("--output-prefix", required=True, help="output path without extension")
+    s.add_argument("--tokenizer", default="english-bpe", help="tokenizer file/folder or shipped name")
+    s.add_argument("--json-key", default="text", help="jsonl field holding the text (default text)")
+    s.add_argument("--format", default="auto", help="input format: auto, jsonl or text (default auto)")
+    s.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default 1)")
+    s.set_defaults(func=_cmd_preprocess)
+
+    s = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = s.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    t = tsub.add_parser("train", help="train a tokenizer from a YAML spec (see tokenizers/)")
+    t.add_argument("spec", help="path to a tokenizer spec YAML")
+    t.add_argument("--output", default=None, help="output folder (default: the spec's name under tokenizers/)")
+    t.set_defaults(func=_cmd_tokenizer_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MegaforgeError as e:
+        print(f"megaforge: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("megaforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

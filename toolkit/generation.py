@@ -1,0 +1,90 @@
+"""Text generation with a KV cache: greedy, temperature, top-k and top-p sampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from toolkit.errors import CheckpointError
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Next ids [b] from last-position logits [b, V]; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # [b, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt: torch.Tensor, *, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             seed: int | None = None) -> torch.Tensor:
+    """Continue ``prompt`` [b, s] by up to ``max_new_tokens``; returns only the new ids [b, n]."""
+    model.eval()
+    b, s = prompt.shape
+    max_len = min(s + max_new_tokens, model.cfg.max_position_embeddings or model.cfg.seq_length) \
+        if model.cfg.position_embedding_type == "learned_absolute" else s + max_new_tokens
+    max_new_tokens = max(0, max_len - s)
+    dtype = next(model.parameters()).dtype
+    caches = model.new_caches(b, max_len, device=prompt.device, dtype=dtype)
+    gen = torch.Generator(device=prompt.device).manual_seed(seed) if seed is not None else None
+    logits = model(prompt, caches=caches)[:, -1]
+    out = []
+    done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+    for i in range(max_new_tokens):
+        nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+        out.append(nxt)
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if bool(done.all()):
+                break
+        if i + 1 < max_new_tokens:
+            logits = model(nxt[:, None], start_pos=s + i, caches=caches)[:, -1]
+    return torch.stack(out, dim=1) if out else prompt.new_zeros(b, 0)
+
+
+def generate_text(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 50, device=None,
+                  **sampling) -> str:
+    """Continue ``prompt`` text; returns the generated text (without the prompt)."""
+    ids = tokenizer.encode(prompt) or [tokenizer.eod_id]
+    x = torch.tensor([ids], device=device or next(model.parameters()).device)
+    new = generate(model, x, max_new_tokens=max_new_tokens, eos_id=tokenizer.eod_id, **sampling)[0].tolist()
+    if tokenizer.eod_id in new:
+        new = new[: new.index(tokenizer.eod_id)]
+    return tokenizer.decode(new)
+
+
+def load_run(run_dir: str | Path, *, device: str = "cpu"):
+    """Model (latest checkpoint weights), tokenizer and config of a run directory."""
+    from toolkit.checkpoint import CheckpointManager, load_model_weights
+    from toolkit.config import load_config
+    from toolkit.tokenization import load_tokenizer
+    from toolkit.training.run import build_initialized_model
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a megaforge run directory (no config.yaml); pass the folder "
+                              "given as trainer.run_dir")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    latest = CheckpointManager(run_dir / "checkpoints").latest()
+    if latest is None:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint yet; train it first (megaforge train ...)")
+    tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
+    model = build_initialized_model(cfg, torch.device(device))
+    load_model_weights(latest, model)
+    return model, tokenizer, cfg

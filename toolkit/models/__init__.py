@@ -1,0 +1,1 @@
+"""Model families (gpt, bert, t5) built from shared blocks in ``toolkit.models.common``."""

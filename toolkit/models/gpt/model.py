@@ -1,0 +1,112 @@
+"""GPT: a causal decoder. GPT-2 style (learned positions, LayerNorm, GELU, biases, tied head) and
+Llama style (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied head) are both
+settings of one module.
+
+Parameter names (the checkpoint keys, whatever the parallel layout)::
+
+    embed.tokens.weight                [padded_vocab, hidden]
+    embed.positions.weight             [max_positions, hidden]     (learned_absolute only)
+    layers.{i}.attn_norm.{weight,bias}
+    layers.{i}.attn.{q,k,v,out}.{weight,bias}
+    layers.{i}.mlp_norm.{weight,bias}
+    layers.{i}.mlp.{fc1,gate,fc2}.{weight,bias}                    (gate for swiglu/geglu)
+    final_norm.{weight,bias}
+    head.weight                        [padded_vocab, hidden]      (untied only)
+
+``layers`` is a ModuleDict keyed by the global layer index, so a pipeline stage that keeps only
+some layers (and drops ``embed`` or ``head``/``final_norm``) keeps the same names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toolkit.config import ModelConfig
+from toolkit.models.common import KVCache, RotaryEmbedding, TransformerLayer, build_norm, padded_vocab_size
+from toolkit.models.common.init import init_weights
+from toolkit.models.common.layer import head_dim
+
+
+class GPTEmbedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, padded_vocab: int):
+        super().__init__()
+        self.tokens = nn.Embedding(padded_vocab, cfg.hidden_size)
+        learned = cfg.position_embedding_type == "learned_absolute"
+        max_pos = cfg.max_position_embeddings or cfg.seq_length
+        self.positions = nn.Embedding(max_pos, cfg.hidden_size) if learned else None
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(tokens)  # [b, s, hidden]
+        if self.positions is not None:
+            h = h + self.positions(positions)
+        return self.dropout(h)
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, tensor_parallel_size: int = 1):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
+        self.cfg = cfg
+        self.vocab_size = cfg.vocab_size
+        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by,
+                                                   tensor_parallel_size)
+        self.embed: GPTEmbedding | None = GPTEmbedding(cfg, self.padded_vocab_size)
+        max_pos = cfg.max_position_embeddings or cfg.seq_length
+        self.rotary = (RotaryEmbedding(head_dim=head_dim(cfg), max_seq=max_pos, base=cfg.rotary_base)
+                       if cfg.position_embedding_type == "rope" else None)
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg) for i in range(cfg.num_layers)})
+        self.final_norm: nn.Module | None = build_norm(cfg.normalization, cfg.hidden_size, cfg.layernorm_epsilon)
+        self.tied = cfg.share_embeddings_and_output_weights
+        self.head: nn.Linear | None = (None if self.tied
+                                       else nn.Linear(cfg.hidden_size, self.padded_vocab_size, bias=False))
+
+    def init_weights(self, seed: int = 0) -> None:
+        """Megatron init from ``seed`` (identical on any device); recomputes non-persistent buffers."""
+        device = next(self.parameters()).device
+        gen = torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(seed)
+        init_weights(self, std=self.cfg.init_method_std, num_layers=self.cfg.num_layers, generator=gen)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.tokens.weight if self.tied else self.head.weight
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [b, s] token ids, or [b, s, hidden] hidden states on a later pipeline stage
+        *,
+        start_pos: int = 0,
+        caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[b, s, padded_vocab]`` (padded columns are -inf), or hidden states on a non-final stage."""
+        s = tokens.shape[1]
+        positions = torch.arange(start_pos, start_pos + s, device=tokens.device)
+        h = self.embed(tokens, positions) if self.embed is not None else tokens
+        rope = self.rotary(positions) if self.rotary is not None else None
+        for i, layer in enumerate(self.layers.values()):
+            h = layer(h, is_causal=True, rope=rope, cache=caches[i] if caches is not None else None)
+        if self.final_norm is None:
+            return h
+        h = self.final_norm(h)
+        logits = F.linear(h, self.output_weight())  # [b, s, padded_vocab]
+        return self.mask_padded_vocab(logits)
+
+    def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Set the logits of padding ids to -inf so no loss or sample ever sees them."""
+        if self.padded_vocab_size == self.vocab_size:
+            return logits
+        pad = torch.arange(logits.shape[-1], device=logits.device) >= self.vocab_size
+        return logits.masked_fill(pad, float("-inf"))
+
+    def new_caches(self, batch: int, max_len: int, *, device, dtype) -> list[KVCache]:
+        kv = self.cfg.num_query_groups or self.cfg.num_attention_heads
+        return [KVCache.empty(batch, kv, max_len, head_dim(self.cfg), device=device, dtype=dtype)
+                for _ in self.layers]
+
+    def num_parameters(self, *, exclude_positions: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_positions and self.embed is not None and self.embed.positions is not None:
+            n -= self.embed.positions.weight.numel()
+        return n

@@ -1,0 +1,28 @@
+"""The recipe table: every registered recipe with its family, size and description."""
+
+from __future__ import annotations
+
+import torch
+
+from toolkit.config import RunConfig, list_recipes, load_config
+from toolkit.registry import build_model
+
+
+def recipe_model_on_meta(cfg: RunConfig) -> torch.nn.Module:
+    """The recipe's model on the meta device (vocabulary from the recipe or its default tokenizer)."""
+    if cfg.model.vocab_size is None:
+        from toolkit.training.run import setup_tokenizer
+
+        setup_tokenizer(cfg)
+    with torch.device("meta"):
+        return build_model(cfg.model)
+
+
+def recipe_table() -> list[tuple[str, str, str, str]]:
+    rows = [("NAME", "FAMILY", "PARAMS", "DESCRIPTION")]
+    for name in list_recipes():
+        cfg = load_config(name)
+        n = sum(p.numel() for p in recipe_model_on_meta(cfg).parameters())
+        size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+        rows.append((name, cfg.model.family, size, cfg.description))
+    return rows

@@ -1,0 +1,48 @@
+"""Name → builder registries for model families. Entries are explicit and greppable.
+
+Third-party packages can add families through the ``megaforge.models`` entry-point group; each entry
+point names a callable ``(ModelConfig, *, tensor_parallel_size) -> nn.Module``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from toolkit.config import ModelConfig
+from toolkit.errors import ConfigError, closest
+
+ModelBuilder = Callable[..., nn.Module]
+
+
+def _gpt(cfg: ModelConfig, *, tensor_parallel_size: int = 1) -> nn.Module:
+    from toolkit.models.gpt import GPTModel
+
+    return GPTModel(cfg, tensor_parallel_size=tensor_parallel_size)
+
+
+MODELS: dict[str, ModelBuilder] = {
+    "gpt": _gpt,
+}
+
+
+def _plugins() -> dict[str, ModelBuilder]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.load() for ep in entry_points(group="megaforge.models")}
+
+
+def model_builder(family: str) -> ModelBuilder:
+    if family in MODELS:
+        return MODELS[family]
+    plugins = _plugins()
+    if family in plugins:
+        return plugins[family]
+    hint = closest(family, list(MODELS) + list(plugins))
+    raise ConfigError(f"model.family={family!r} is not registered" + (f"; did you mean '{hint}'?" if hint else ""))
+
+
+def build_model(cfg: ModelConfig, *, tensor_parallel_size: int = 1) -> nn.Module:
+    """Build the family's single-device module on the current default device (use ``torch.device('meta')``)."""
+    return model_builder(cfg.family)(cfg, tensor_parallel_size=tensor_parallel_size)

@@ -1,0 +1,1 @@
+"""Training: the trainer loop, optimizers and LR schedules, precision, metrics and loggers."""

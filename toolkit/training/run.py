@@ -1,0 +1,155 @@
+"""Assemble a training run from a :class:`~toolkit.config.RunConfig` and start it.
+
+This is what ``megaforge train`` calls; Python users can call :func:`train` directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from toolkit.config import RunConfig, save_config, to_yaml
+from toolkit.errors import ConfigError
+from toolkit.registry import build_model
+from toolkit.tokenization import Tokenizer, load_tokenizer
+from toolkit.training.metrics import flops_per_token
+from toolkit.training.objectives import OBJECTIVES
+from toolkit.training.optim import build_optimizer
+from toolkit.training.trainer import Trainer, TrainResult
+
+# Tokenizer used when a recipe names none: a shipped tokenizer per family.
+DEFAULT_TOKENIZERS = {"gpt": "english-bpe"}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
+    return torch.device(name)
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.trainer.run_dir or os.path.join("runs", cfg.name))
+
+
+def setup_tokenizer(cfg: RunConfig) -> Tokenizer:
+    """Load the tokenizer and fix ``model.vocab_size`` from it (checking an explicit size fits)."""
+    name = cfg.tokenizer.path or DEFAULT_TOKENIZERS.get(cfg.model.family)
+    if name is None:
+        raise ConfigError(f"tokenizer.path is not set and family {cfg.model.family!r} has no default tokenizer")
+    tokenizer = load_tokenizer(name, cfg.tokenizer.type)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size} ids from {name}); raise it or unset it")
+    return tokenizer
+
+
+def tokenizer_key(folder: Path) -> str:
+    """A short content hash of saved tokenizer files (names cached corpora built with it)."""
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def prepare_run_dir(cfg: RunConfig, tokenizer: Tokenizer) -> Path:
+    """Create the run directory; refuse to resume a run whose model differs; save config and tokenizer."""
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.yaml"
+    if saved.exists() and (run_dir / "checkpoints" / "latest").exists():
+        old = OmegaConf.load(saved).get("model")
+        new = OmegaConf.structured(cfg).model
+        if old is not None and OmegaConf.to_container(old) != OmegaConf.to_container(new):
+            diff = sorted(k for k in new if old.get(k) != new.get(k))
+            raise ConfigError(f"{run_dir} holds a run with a different model (model.{diff[0]}: {old.get(diff[0])} "
+                              f"there, {new.get(diff[0])} now); use another trainer.run_dir")
+    save_config(cfg, saved)
+    tokenizer.save(run_dir / "tokenizer")
+    return run_dir
+
+
+def build_datasets(cfg: RunConfig, tokenizer: Tokenizer, run_dir: Path):
+    from toolkit.data.corpus import corpus_prefix
+    from toolkit.data.gpt_dataset import build_gpt_datasets
+
+    prefixes = list(cfg.data.data_prefix) or [corpus_prefix(cfg.data.corpus, tokenizer,
+                                                            tokenizer_key(run_dir / "tokenizer"))]
+    t = cfg.trainer
+    evals = (t.max_steps // t.eval_interval + 1) if t.eval_interval > 0 else 0
+    num_samples = (t.max_steps * t.global_batch_size, max(1, evals) * t.eval_iters * t.global_batch_size,
+                   t.eval_iters * t.global_batch_size)
+    train, valid, _ = build_gpt_datasets(prefixes, splits_string=cfg.data.splits_string,
+                                         seq_length=cfg.model.seq_length, seed=t.seed, num_samples=num_samples,
+                                         cache_dir=cfg.data.index_cache_dir)
+    if train is None:
+        raise ConfigError(f"data.splits_string={cfg.data.splits_string!r} leaves no training documents")
+    return train, valid
+
+
+def build_initialized_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    """Build on ``meta``, materialize on ``device``, initialize from ``trainer.seed``."""
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    model.to_empty(device=device)
+    model.init_weights(cfg.trainer.seed)
+    return model
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Train ``cfg`` in this process (resuming from the run directory's latest checkpoint)."""
+    t = cfg.trainer
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    device = pick_device(t.device)
+    tokenizer = setup_tokenizer(cfg)
+    run_dir = prepare_run_dir(cfg, tokenizer)
+    train_ds, valid_ds = build_datasets(cfg, tokenizer, run_dir)
+    model = build_initialized_model(cfg, device)
+    n_params = model.num_parameters(exclude_positions=True)
+    optimizer = build_optimizer(model, cfg.optim)
+    train_model = torch.compile(model) if t.compile else model
+    trainer = Trainer(
+        model=train_model if not t.compile else model,
+        optimizer=optimizer,
+        objective=_compiled_objective(OBJECTIVES[cfg.model.family], train_model) if t.compile
+        else OBJECTIVES[cfg.model.family],
+        train_dataset=train_ds,
+        valid_dataset=valid_ds,
+        trainer_cfg=t,
+        optim_cfg=cfg.optim,
+        checkpoint_cfg=cfg.checkpoint,
+        logging_cfg=cfg.logging,
+        run_dir=run_dir,
+        device=device,
+        flops_per_token=flops_per_token(cfg.model, n_params),
+        seq_length=cfg.model.seq_length,
+        config_dict=OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))),
+    )
+    print(f"megaforge: training {cfg.name} ({n_params / 1e6:.2f}M parameters) on {device} "
+          f"→ {run_dir}", flush=True)
+    result = trainer.fit()
+    if t.sample_prompt:
+        from toolkit.generation import generate_text
+
+        text = generate_text(model, tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens, device=device,
+                             temperature=0.8, top_k=40, seed=t.seed)
+        print(f"\nsample> {t.sample_prompt}{text}\n", flush=True)
+    return result
+
+
+def _compiled_objective(objective, compiled_model):
+    """Run the family objective through the compiled module while the trainer keeps the plain one."""
+    return lambda _model, batch: objective(compiled_model, batch)

@@ -1,0 +1,227 @@
+"""The training loop: gradient accumulation, clipping, mixed precision, evaluation, checkpoints, logging.
+
+The trainer receives built objects (model, optimizer, datasets, checkpoint manager) and small
+config sections; it never reads YAML. It resumes exactly: the LR is a function of the step,
+dropout is reseeded from (seed, step), and the sampler restarts at the consumed sample count.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from toolkit.checkpoint import CheckpointManager
+from toolkit.config import CheckpointConfig, LoggingConfig, OptimConfig, TrainerConfig
+from toolkit.data.sampler import PretrainingSampler
+from toolkit.training.loggers import MetricsFile, WandbLogger, plot_losses
+from toolkit.training.optim import lr_at, set_lr
+from toolkit.training.precision import Precision
+
+Objective = Callable[[nn.Module, dict], torch.Tensor]  # (model, batch on device) -> mean loss
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    consumed_samples: int = 0  # training samples consumed over all data-parallel ranks
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # train loss of each step run in this process
+    val_loss: float | None = None
+    metrics_path: Path | None = None
+    plot_path: Path | None = None
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Seed of the dropout RNG for one optimizer step (independent of where a run was resumed)."""
+    return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        objective: Objective,
+        train_dataset: Dataset,
+        valid_dataset: Dataset | None,
+        trainer_cfg: TrainerConfig,
+        optim_cfg: OptimConfig,
+        checkpoint_cfg: CheckpointConfig,
+        logging_cfg: LoggingConfig,
+        run_dir: Path,
+        device: torch.device,
+        flops_per_token: float,
+        seq_length: int,
+        config_dict: dict[str, Any] | None = None,
+        layout: dict[str, int] | None = None,
+        data_parallel_rank: int = 0,
+        data_parallel_size: int = 1,
+        is_logging_rank: bool = True,
+    ):
+        self.model, self.optimizer, self.objective = model, optimizer, objective
+        self.train_dataset, self.valid_dataset = train_dataset, valid_dataset
+        self.cfg, self.optim_cfg, self.ckpt_cfg, self.log_cfg = trainer_cfg, optim_cfg, checkpoint_cfg, logging_cfg
+        self.run_dir, self.device = Path(run_dir), device
+        self.flops_per_token, self.seq_length = flops_per_token, seq_length
+        self.config_dict = config_dict or {}
+        self.layout = layout or {"tp": 1, "pp": 1, "dp": 1}
+        self.dp_rank, self.dp_size = data_parallel_rank, data_parallel_size
+        self.is_logging_rank = is_logging_rank
+        self.precision = Precision(trainer_cfg.precision, device, initial_loss_scale=trainer_cfg.initial_loss_scale)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=checkpoint_cfg.keep_last)
+        per_step = trainer_cfg.micro_batch_size * data_parallel_size
+        self.num_microbatches = trainer_cfg.global_batch_size // per_step
+        self.state = TrainState()
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def resume(self) -> bool:
+        """Load the last complete checkpoint of the run directory, if any. True when resumed."""
+        self.checkpoints.clean_partial()
+        if not self.ckpt_cfg.resume:
+            return False
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return False
+        state = self.checkpoints.load(latest, self.model, self.optimizer)
+        self.state = TrainState(step=int(state["step"]), consumed_samples=int(state["consumed_samples"]))
+        self.precision.load_state_dict(state.get("precision", {}))
+        if self.is_logging_rank:
+            saved = state.get("layout", {})
+            change = f" (saved under {saved}, now {self.layout})" if saved and saved != self.layout else ""
+            print(f"resumed from {latest} at step {self.state.step}{change}", flush=True)
+        return True
+
+    def save(self) -> Path:
+        trainer_state = {
+            "step": self.state.step,
+            "consumed_samples": self.state.consumed_samples,
+            "layout": self.layout,
+            "precision": self.precision.state_dict(),
+            "seed": self.cfg.seed,
+        }
+        return self.checkpoints.save(self.state.step, self.model, self.optimizer, trainer_state)
+
+    # ---- data ----------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, consumed: int, total: int) -> DataLoader:
+        sampler = PretrainingSampler(
+            total_samples=total, consumed_samples=consumed, micro_batch_size=self.cfg.micro_batch_size,
+            data_parallel_rank=self.dp_rank, data_parallel_size=self.dp_size,
+        )
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=0, pin_memory=self.device.type == "cuda")
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    # ---- one step ------------------------------------------------------------------------
+    def train_step(self, batches) -> tuple[float, float]:
+        """Forward/backward over the micro-batches of one global batch, then one optimizer step."""
+        torch.manual_seed(step_seed(self.cfg.seed, self.state.step))
+        set_lr(self.optimizer, lr_at(self.state.step, self.optim_cfg, self.cfg.max_steps))
+        scaler = self.precision.scaler
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.num_microbatches):
+            batch = self._to_device(next(batches))
+            with self.precision.autocast():
+                loss = self.objective(self.model, batch)
+            scaler.scale(loss / self.num_microbatches).backward()
+            total += loss.detach()
+        scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return (total / self.num_microbatches).item(), float(grad_norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over the first ``eval_iters`` micro-batches of the validation set."""
+        if self.valid_dataset is None or self.cfg.eval_iters <= 0:
+            return None
+        total = self.cfg.eval_iters * self.cfg.micro_batch_size * self.dp_size
+        total = min(total, len(self.valid_dataset))
+        if total < self.cfg.micro_batch_size * self.dp_size:
+            return None
+        self.model.eval()
+        losses = []
+        for batch in self._loader(self.valid_dataset, 0, total):
+            with self.precision.autocast():
+                losses.append(self.objective(self.model, self._to_device(batch)).float())
+        self.model.train()
+        return torch.stack(losses).mean().item()
+
+    # ---- the loop ------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        self.resume()
+        cfg = self.cfg
+        total_samples = cfg.max_steps * cfg.global_batch_size
+        batches = iter(self._loader(self.train_dataset, self.state.consumed_samples, total_samples))
+        metrics = MetricsFile(self.run_dir, self.state.step) if self.is_logging_rank else None
+        wandb = (WandbLogger(self.log_cfg, self.run_dir, self.config_dict)
+                 if self.is_logging_rank and self.log_cfg.wandb.enabled else None)
+        from toolkit.training.metrics import peak_flops
+
+        peak = peak_flops(self.device, cfg.precision, self.log_cfg.peak_tflops)
+        world = max(1, self.layout.get("tp", 1) * self.layout.get("pp", 1) * self.layout.get("dp", 1))
+        bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="train", dynamic_ncols=True, mininterval=1.0,
+                   disable=not (self.is_logging_rank and self.log_cfg.progress_bar))
+        result = TrainResult(run_dir=self.run_dir, steps=self.state.step)
+        self.model.train()
+        tokens_per_step = cfg.global_batch_size * self.seq_length
+        while self.state.step < cfg.max_steps:
+            start = time.perf_counter()
+            loss, grad_norm = self.train_step(batches)
+            elapsed = time.perf_counter() - start
+            lr = lr_at(self.state.step, self.optim_cfg, cfg.max_steps)
+            self.state.step += 1
+            self.state.consumed_samples += cfg.global_batch_size
+            result.losses.append(loss)
+            tps = tokens_per_step / elapsed
+            mfu = self.flops_per_token * tps / (peak * world)
+            record: dict[str, Any] = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                      "tokens_per_sec": tps, "mfu": mfu, "step_time": elapsed,
+                                      "consumed_samples": self.state.consumed_samples}
+            if self.precision.scaler.is_enabled():
+                record["loss_scale"] = float(self.precision.scaler.get_scale())
+            last = self.state.step == cfg.max_steps
+            if cfg.eval_interval > 0 and (self.state.step % cfg.eval_interval == 0 or last):
+                val = self.evaluate()
+                if val is not None:
+                    record["val_loss"] = val
+                    record["val_ppl"] = math.exp(min(val, 50.0))
+                    result.val_loss = val
+            if self.is_logging_rank and (self.state.step % cfg.log_interval == 0 or last or "val_loss" in record):
+                metrics.log(record)
+                if wandb:
+                    wandb.log(record)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.1f}%",
+                            refresh=False)
+            bar.update(1)
+            save_every = self.ckpt_cfg.save_interval
+            if last or (save_every > 0 and self.state.step % save_every == 0):
+                self.save()
+        bar.close()
+        result.steps = self.state.step
+        if self.is_logging_rank:
+            result.metrics_path = metrics.path
+            if self.log_cfg.plot:
+                result.plot_path = plot_losses(self.run_dir)
+        if wandb:
+            wandb.close()
+        return result
