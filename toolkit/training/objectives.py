@@ -14,5 +14,3 @@ def causal_lm(model: nn.Module, batch: dict) -> torch.Tensor:
     logits = model(tokens[:, :-1])  # [b, s, padded_vocab]
     return lm_cross_entropy(logits, tokens[:, 1:])
 
-
-OBJECTIVES = {"gpt": causal_lm}

@@ -17,13 +17,9 @@ from toolkit.errors import ConfigError
 from toolkit.registry import build_model
 from toolkit.tokenization import Tokenizer, load_tokenizer
 from toolkit.training.metrics import flops_per_token
-from toolkit.training.objectives import OBJECTIVES
+from toolkit.training.families import family
 from toolkit.training.optim import build_optimizer
 from toolkit.training.trainer import Trainer, TrainResult
-
-# Tokenizer used when a recipe names none: a shipped tokenizer per family.
-DEFAULT_TOKENIZERS = {"gpt": "english-bpe"}
-
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -39,9 +35,7 @@ def run_dir_of(cfg: RunConfig) -> Path:
 
 def setup_tokenizer(cfg: RunConfig) -> Tokenizer:
     """Load the tokenizer and fix ``model.vocab_size`` from it (checking an explicit size fits)."""
-    name = cfg.tokenizer.path or DEFAULT_TOKENIZERS.get(cfg.model.family)
-    if name is None:
-        raise ConfigError(f"tokenizer.path is not set and family {cfg.model.family!r} has no default tokenizer")
+    name = cfg.tokenizer.path or family(cfg.model.family).default_tokenizer
     tokenizer = load_tokenizer(name, cfg.tokenizer.type)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tokenizer.vocab_size
@@ -80,7 +74,6 @@ def prepare_run_dir(cfg: RunConfig, tokenizer: Tokenizer) -> Path:
 
 def build_datasets(cfg: RunConfig, tokenizer: Tokenizer, run_dir: Path):
     from toolkit.data.corpus import corpus_prefix
-    from toolkit.data.gpt_dataset import build_gpt_datasets
 
     prefixes = list(cfg.data.data_prefix) or [corpus_prefix(cfg.data.corpus, tokenizer,
                                                             tokenizer_key(run_dir / "tokenizer"))]
@@ -88,9 +81,7 @@ def build_datasets(cfg: RunConfig, tokenizer: Tokenizer, run_dir: Path):
     evals = (t.max_steps // t.eval_interval + 1) if t.eval_interval > 0 else 0
     num_samples = (t.max_steps * t.global_batch_size, max(1, evals) * t.eval_iters * t.global_batch_size,
                    t.eval_iters * t.global_batch_size)
-    train, valid, _ = build_gpt_datasets(prefixes, splits_string=cfg.data.splits_string,
-                                         seq_length=cfg.model.seq_length, seed=t.seed, num_samples=num_samples,
-                                         cache_dir=cfg.data.index_cache_dir)
+    train, valid, _ = family(cfg.model.family).datasets(cfg, tokenizer, prefixes, num_samples)
     if train is None:
         raise ConfigError(f"data.splits_string={cfg.data.splits_string!r} leaves no training documents")
     return train, valid
@@ -114,6 +105,7 @@ def train(cfg: RunConfig) -> TrainResult:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     device = pick_device(t.device)
+    spec = family(cfg.model.family)
     tokenizer = setup_tokenizer(cfg)
     run_dir = prepare_run_dir(cfg, tokenizer)
     train_ds, valid_ds = build_datasets(cfg, tokenizer, run_dir)
@@ -124,8 +116,7 @@ def train(cfg: RunConfig) -> TrainResult:
     trainer = Trainer(
         model=train_model if not t.compile else model,
         optimizer=optimizer,
-        objective=_compiled_objective(OBJECTIVES[cfg.model.family], train_model) if t.compile
-        else OBJECTIVES[cfg.model.family],
+        objective=_compiled_objective(spec.objective, train_model) if t.compile else spec.objective,
         train_dataset=train_ds,
         valid_dataset=valid_ds,
         trainer_cfg=t,
@@ -135,7 +126,7 @@ def train(cfg: RunConfig) -> TrainResult:
         run_dir=run_dir,
         device=device,
         flops_per_token=flops_per_token(cfg.model, n_params),
-        seq_length=cfg.model.seq_length,
+        seq_length=spec.tokens_per_sample(cfg),
         config_dict=OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))),
     )
     print(f"megaforge: training {cfg.name} ({n_params / 1e6:.2f}M parameters) on {device} "
