@@ -1,0 +1,153 @@
+"""Blend several datasets by weight, and parse ``data.data_prefix`` lists.
+
+:class:`BlendedDataset` assigns every global sample to a component dataset with Megatron's greedy
+rule: sample ``i`` goes to the dataset that is most under-sampled relative to its weight after
+``i + 1`` samples. After any number of samples ``n`` each dataset's realized count stays within
+one sample of ``weight × n`` (checked for up to four datasets with arbitrary weights; with many
+very unequal weights the greedy rule can drift slightly beyond one), and the assignment is a pure
+function of the weights and size.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from toolkit.errors import ConfigError, DataError
+
+
+def _as_weight(item: Any) -> float | None:
+    """``item`` as a float if it is a number or a numeric string, else None."""
+    if isinstance(item, bool):
+        return None
+    if isinstance(item, (int, float)):
+        return float(item)
+    if isinstance(item, str):
+        try:
+            return float(item.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def parse_data_prefix(data_prefix: Sequence[Any] | str | Path) -> tuple[list[str], list[float]]:
+    """``data.data_prefix`` → (prefixes, weights normalized to sum to 1).
+
+    Accepts ``["path"]``, ``["p1", "p2"]`` (equal weights) and ``[0.7, "p1", 0.3, "p2"]`` (weights
+    may be numbers or numeric strings and need not sum to 1). Anything else is a ConfigError.
+    """
+    if isinstance(data_prefix, (str, Path)):
+        data_prefix = [data_prefix]
+    items = list(data_prefix)
+    if not items:
+        raise ConfigError("data.data_prefix is empty; give at least one indexed-dataset prefix")
+    if _as_weight(items[0]) is None:  # plain list of paths
+        for i, item in enumerate(items):
+            if not isinstance(item, (str, Path)) or not str(item) or _as_weight(item) is not None:
+                raise ConfigError(
+                    f"data.data_prefix[{i}]={item!r}: expected a dataset prefix; to weight datasets, "
+                    "give a weight before every prefix, e.g. [0.7, data/a, 0.3, data/b]"
+                )
+        return [str(p) for p in items], [1.0 / len(items)] * len(items)
+    if len(items) % 2:
+        raise ConfigError(
+            f"data.data_prefix has {len(items)} entries; weighted form needs pairs: [WEIGHT, PREFIX, WEIGHT, PREFIX, ...]"
+        )
+    prefixes: list[str] = []
+    weights: list[float] = []
+    for i in range(0, len(items), 2):
+        w, p = _as_weight(items[i]), items[i + 1]
+        if w is None:
+            raise ConfigError(f"data.data_prefix[{i}]={items[i]!r}: expected a weight (number) before prefix {p!r}")
+        if not math.isfinite(w) or w <= 0:
+            raise ConfigError(f"data.data_prefix[{i}]={items[i]!r}: weights must be positive numbers")
+        if not isinstance(p, (str, Path)) or not str(p) or _as_weight(p) is not None:
+            raise ConfigError(f"data.data_prefix[{i + 1}]={p!r}: expected a dataset prefix after weight {w}")
+        prefixes.append(str(p))
+        weights.append(w)
+    total = sum(weights)
+    return prefixes, [w / total for w in weights]
+
+
+def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy assignment of ``size`` samples to datasets.
+
+    Returns ``dataset_index`` (int16 [size]: which dataset) and ``dataset_sample_index`` (int64
+    [size]: the running sample number within that dataset).
+    """
+    w = [float(x) for x in weights]
+    total = sum(w)
+    w = [x / total for x in w]
+    k = len(w)
+    dataset_index = np.zeros(size, dtype=np.int16)
+    sample_index = np.zeros(size, dtype=np.int64)
+    if k == 1:
+        sample_index[:] = np.arange(size)
+        return dataset_index, sample_index
+    counts = [0] * k
+    ds_out: list[int] = [0] * size
+    smp_out: list[int] = [0] * size
+    rest = range(1, k)
+    for i in range(size):  # pure-Python loop over lists: ~1 µs per sample for a few datasets
+        n = i + 1
+        best, best_err = 0, w[0] * n - counts[0]
+        for d in rest:
+            err = w[d] * n - counts[d]
+            if err > best_err:
+                best, best_err = d, err
+        ds_out[i] = best
+        smp_out[i] = counts[best]
+        counts[best] += 1
+    dataset_index[:] = ds_out
+    sample_index[:] = smp_out
+    return dataset_index, sample_index
+
+
+class BlendedDataset:
+    """Samples from ``datasets`` in proportion to ``weights``; ``len == size``; deterministic.
+
+    ``seed`` is recorded for cache keys and reproducibility reports; the assignment itself needs no
+    randomness (each component already shuffles its own samples).
+    """
+
+    def __init__(self, datasets: Sequence[Any], weights: Sequence[float], size: int, seed: int = 0) -> None:
+        if len(datasets) != len(weights) or not datasets:
+            raise ConfigError(f"BlendedDataset needs one weight per dataset, got {len(datasets)} datasets and {len(weights)} weights")
+        if any((not math.isfinite(float(w))) or float(w) <= 0 for w in weights):
+            raise ConfigError(f"blending weights must be positive, got {list(weights)}")
+        if size < 0:
+            raise ConfigError(f"BlendedDataset size must be >= 0, got {size}")
+        self.datasets = list(datasets)
+        total = float(sum(weights))
+        self.weights = [float(w) / total for w in weights]
+        self.size = int(size)
+        self.seed = int(seed)
+        self.dataset_index, self.dataset_sample_index = blending_indices(self.weights, self.size)
+        counts = np.bincount(self.dataset_index, minlength=len(self.datasets)) if size else np.zeros(len(self.datasets), int)
+        for d, (ds, need) in enumerate(zip(self.datasets, counts)):
+            if need > len(ds):
+                raise DataError(
+                    f"blended dataset component {d} has {len(ds)} samples but the blend needs {need}; "
+                    "build components with a margin (build_gpt_datasets does)"
+                )
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> Any:
+        if i < 0:
+            i += self.size
+        if not 0 <= i < self.size:
+            raise IndexError(f"sample {i} out of range for {self.size} blended samples")
+        return self.datasets[int(self.dataset_index[i])][int(self.dataset_sample_index[i])]
+
+
+def component_size(weight: float, size: int) -> int:
+    """Samples to build for a component of normalized ``weight`` in a blend of ``size``: 0.5% margin
+    (as Megatron) and at least one more than the exact share, so the blend never runs out."""
+    if size <= 0:
+        return 0
+    return max(math.ceil(weight * size * 1.005), math.ceil(weight * size) + 1)
