@@ -1,0 +1,202 @@
+"""End to end through the CLI: train, resume bitwise, generate, and the error contract."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cli
+
+# A very small gpt-tiny so each run takes seconds on 2 cores.
+SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.seq_length=64",
+         "trainer.micro_batch_size=4", "trainer.global_batch_size=8", "trainer.eval_interval=10",
+         "trainer.eval_iters=2", "logging.wandb.enabled=false", "trainer.sample_prompt=null",
+         "model.hidden_dropout=0.1", "model.attention_dropout=0.1", "trainer.num_threads=1"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs}
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from toolkit.generation import load_run
+
+    model, _, _ = load_run(run_dir)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    out = run_cli("train", "gpt-tiny", *SMALL, f"trainer.run_dir={run_dir}", *extra)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """20 steps in one run, checkpoint every 5 (dropout on, so the RNG path is exercised)."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train(run, "trainer.max_steps=20", "checkpoint.save_interval=5")
+    return run
+
+
+def test_run_directory_contents(straight: Path):
+    assert (straight / "config.yaml").is_file()
+    assert (straight / "tokenizer" / "tokenizer.json").is_file()
+    assert (straight / "loss.png").stat().st_size > 1000
+    assert (straight / "checkpoints" / "latest").read_text().strip() == "step_20"
+    # keep_last=2: only the two newest complete checkpoints remain
+    assert sorted(p.name for p in (straight / "checkpoints").glob("step_*")) == ["step_15", "step_20"]
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 21))
+    for r in records:
+        assert {"step", "loss", "lr", "tokens_per_sec", "mfu"} <= set(r)
+    assert any("val_loss" in r for r in records)
+    assert records[-1]["loss"] < records[0]["loss"]
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.load(straight / "config.yaml")
+    assert saved.trainer.max_steps == 20 and saved.model.vocab_size == 8192
+
+
+def test_resume_is_bitwise(straight: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    train(run, "trainer.max_steps=10", "checkpoint.save_interval=5")
+    out = train(run, "trainer.max_steps=20", "checkpoint.save_interval=5")
+    assert "resumed from" in out.stdout
+    assert losses(run) == losses(straight)  # exact float equality, every step
+    a, b = weights(run), weights(straight)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_killed_run_resumes_to_identical_result(straight: Path, tmp_path: Path):
+    """SIGKILL a run after its first checkpoint (possibly mid-save), start it again, end identical."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "toolkit", "train", "gpt-tiny", *SMALL, f"trainer.run_dir={run}",
+           "trainer.max_steps=20", "checkpoint.save_interval=5"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ))
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "checkpoints" / "latest").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    train(run, "trainer.max_steps=20", "checkpoint.save_interval=5")
+    assert losses(run) == losses(straight)
+    a, b = weights(run), weights(straight)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_save_is_ignored(tmp_path: Path):
+    run = tmp_path / "run"
+    train(run, "trainer.max_steps=4", "checkpoint.save_interval=2")
+    partial = run / "checkpoints" / "step_6.tmp"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"half a file")
+    out = train(run, "trainer.max_steps=6", "checkpoint.save_interval=2")
+    assert "resumed from" in out.stdout and "step_4" in out.stdout
+    assert not partial.exists()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_6"
+
+
+def test_generate_from_run(straight: Path):
+    out = run_cli("generate", str(straight), "--prompt", "It was the", "--max-new-tokens", "8", "--temperature", "0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("It was the") and len(out.stdout.strip()) > len("It was the")
+    again = run_cli("generate", str(straight), "--prompt", "It was the", "--max-new-tokens", "8", "--temperature", "0")
+    assert again.stdout == out.stdout  # greedy is deterministic
+
+
+def test_llama_style_trains(tmp_path: Path):
+    run = tmp_path / "llama"
+    out = run_cli("train", "llama-tiny", *SMALL, "model.num_query_groups=2", "model.ffn_hidden_size=96",
+                  f"trainer.run_dir={run}", "trainer.max_steps=12", "optim.lr=3e-3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    ls = losses(run)
+    assert ls[12] < ls[1] - 0.5
+
+
+def test_precisions_train(tmp_path: Path):
+    for precision in ("bf16", "fp16"):
+        run = tmp_path / precision
+        train(run, "trainer.max_steps=6", f"trainer.precision={precision}", "trainer.eval_interval=0")
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["loss"] == r["loss"] for r in recs)  # finite, not NaN
+        if precision == "fp16":
+            assert "loss_scale" in recs[-1]
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path):
+    """global 8 as 2 micro-batches of 4 equals 1 micro-batch of 8 (fp32, no dropout)."""
+    a, b = tmp_path / "accum", tmp_path / "big"
+    base = ("trainer.max_steps=3", "model.hidden_dropout=0", "model.attention_dropout=0", "trainer.eval_interval=0")
+    train(a, *base, "trainer.micro_batch_size=4")
+    train(b, *base, "trainer.micro_batch_size=8")
+    la, lb = losses(a), losses(b)
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], rel=1e-5)
+
+
+# ---- errors: one line, exit code 2, no traceback --------------------------------------------
+def assert_user_error(out: subprocess.CompletedProcess, *needles: str):
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr
+    lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, out.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_error_mistyped_key():
+    assert_user_error(run_cli("train", "gpt-tiny", "trainer.max_step=3"), "trainer.max_steps")
+
+
+def test_error_unknown_recipe():
+    assert_user_error(run_cli("train", "gpt-tinny"), "gpt-tiny")
+
+
+def test_error_missing_data(tmp_path: Path):
+    assert_user_error(run_cli("train", "gpt-tiny", *SMALL, f"trainer.run_dir={tmp_path}/r",
+                              f"data.data_prefix=[{tmp_path}/nothing]"), "nothing")
+
+
+def test_error_corrupt_data(tmp_path: Path):
+    prefix = tmp_path / "corpus"
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"Document {i} says hello to the world. " * 20}) + "\n"
+                           for i in range(50)))
+    ok = run_cli("preprocess", "--input", str(src), "--output-prefix", str(prefix))
+    assert ok.returncode == 0, ok.stderr
+    bin_path = prefix.with_suffix(".bin")
+    bin_path.write_bytes(bin_path.read_bytes()[:-10])
+    assert_user_error(run_cli("train", "gpt-tiny", *SMALL, f"trainer.run_dir={tmp_path}/r",
+                              f"data.data_prefix=[{prefix}]"), "corpus.bin")
+    bin_path.unlink()
+    prefix.with_suffix(".idx").write_bytes(b"NOTANIDX" * 8)
+    bin_path.write_bytes(b"\0" * 64)
+    assert_user_error(run_cli("train", "gpt-tiny", *SMALL, f"trainer.run_dir={tmp_path}/r2",
+                              f"data.data_prefix=[{prefix}]"), "corpus.idx")
+
+
+def test_error_missing_tokenizer(tmp_path: Path):
+    assert_user_error(run_cli("train", "gpt-tiny", *SMALL, f"trainer.run_dir={tmp_path}/r",
+                              f"tokenizer.path={tmp_path}/no-such-tokenizer"), "no-such-tokenizer")
+
+
+def test_error_missing_or_incomplete_checkpoint(tmp_path: Path):
+    assert_user_error(run_cli("generate", str(tmp_path / "nowhere"), "--prompt", "x"), "nowhere")
+    run = tmp_path / "run"
+    train(run, "trainer.max_steps=2", "trainer.eval_interval=0")
+    (run / "checkpoints" / "step_2" / "trainer_state.json").unlink()
+    assert_user_error(run_cli("generate", str(run), "--prompt", "x"), "step_2")
+    assert_user_error(run_cli("train", "gpt-tiny", *SMALL, f"trainer.run_dir={run}", "trainer.max_steps=4"),
+                      "step_2")
