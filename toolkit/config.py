@@ -103,7 +103,8 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 100  # optimizer steps
+    max_steps: int = 100  # optimizer steps (the schedule and data order are planned for this many)
+    exit_interval: Optional[int] = None  # save and exit when step % exit_interval == 0 (Megatron's --exit-interval)
     micro_batch_size: int = 4  # samples per forward/backward on one rank
     global_batch_size: int = 8  # samples per optimizer step over all data-parallel ranks
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses dynamic loss scaling)

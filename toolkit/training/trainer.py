@@ -214,8 +214,14 @@ class Trainer:
                             refresh=False)
             bar.update(1)
             save_every = self.ckpt_cfg.save_interval
-            if last or (save_every > 0 and self.state.step % save_every == 0):
+            exiting = bool(cfg.exit_interval) and self.state.step % cfg.exit_interval == 0 and not last
+            if last or exiting or (save_every > 0 and self.state.step % save_every == 0):
                 self.save()
+            if exiting:
+                if self.is_logging_rank:
+                    print(f"exit_interval={cfg.exit_interval}: stopping at step {self.state.step}; run the same "
+                          "command again to continue", flush=True)
+                break
         bar.close()
         result.steps = self.state.step
         if self.is_logging_rank:
