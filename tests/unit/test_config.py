@@ -64,3 +64,13 @@ def test_validation_of_shapes():
         load_config("gpt-tiny", ["model.hidden_size=100", "model.num_attention_heads=3"])
     with pytest.raises(ConfigError, match="global_batch_size=10 is not divisible"):
         load_config("gpt-tiny", ["trainer.global_batch_size=10", "trainer.micro_batch_size=4"])
+
+
+def test_every_key_is_documented():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    from toolkit.config import RunConfig
+    import dataclasses
+
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    missing = [k for k in SCHEMA_KEYS if k not in sections and k != "logging.wandb" and f"`{k}`" not in doc]
+    assert not missing, f"document these keys in docs/configuration.md: {missing}"
