@@ -59,13 +59,35 @@ def generate(model: nn.Module, prompt: torch.Tensor, *, max_new_tokens: int, tem
 
 
 def generate_text(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 50, device=None,
-                  **sampling) -> str:
-    """Continue ``prompt`` text; returns the generated text (without the prompt)."""
-    ids = tokenizer.encode(prompt) or [tokenizer.eod_id]
-    x = torch.tensor([ids], device=device or next(model.parameters()).device)
-    new = generate(model, x, max_new_tokens=max_new_tokens, eos_id=tokenizer.eod_id, **sampling)[0].tolist()
-    if tokenizer.eod_id in new:
-        new = new[: new.index(tokenizer.eod_id)]
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  seed: int | None = None) -> str:
+    """Continue ``prompt`` text (decoder-only), or answer it (encoder–decoder: the prompt is the
+    encoder input, as T5 fills ``<extra_id_0>`` spans); returns only the generated text."""
+    device = device or next(model.parameters()).device
+    if getattr(model, "is_encoder_decoder", False):
+        from toolkit.models.t5.generation import generate_seq2seq
+
+        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        ids = tokenizer.encode(prompt) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+        new = generate_seq2seq(
+            model, torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
+            decoder_start_id=tokenizer.pad_id or 0, eos_id=tokenizer.eos_id,
+            sample=lambda logits: sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                              generator=gen),
+        )[0].tolist()
+        stop = tokenizer.eos_id
+    elif hasattr(model, "new_caches"):
+        ids = tokenizer.encode(prompt) or [tokenizer.eod_id]
+        new = generate(model, torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
+                       eos_id=tokenizer.eod_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                       seed=seed)[0].tolist()
+        stop = tokenizer.eod_id
+    else:
+        from toolkit.errors import ConfigError
+
+        raise ConfigError(f"{type(model).__name__} is an encoder without a decoder; generation needs a GPT or T5 run")
+    if stop in new:
+        new = new[: new.index(stop)]
     return tokenizer.decode(new)
 
 

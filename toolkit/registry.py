@@ -22,8 +22,22 @@ def _gpt(cfg: ModelConfig, *, tensor_parallel_size: int = 1) -> nn.Module:
     return GPTModel(cfg, tensor_parallel_size=tensor_parallel_size)
 
 
+def _bert(cfg: ModelConfig, *, tensor_parallel_size: int = 1) -> nn.Module:
+    from toolkit.models.bert import BertModel
+
+    return BertModel(cfg, tensor_parallel_size=tensor_parallel_size)
+
+
+def _t5(cfg: ModelConfig, *, tensor_parallel_size: int = 1) -> nn.Module:
+    from toolkit.models.t5 import T5Model
+
+    return T5Model(cfg, tensor_parallel_size=tensor_parallel_size)
+
+
 MODELS: dict[str, ModelBuilder] = {
     "gpt": _gpt,
+    "bert": _bert,
+    "t5": _t5,
 }
 
 

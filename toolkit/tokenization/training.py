@@ -60,6 +60,12 @@ class TokenizerSpec:
     min_frequency: int = 2  # huggingface: a merge/piece must occur at least this often
     max_documents: int | None = None  # read at most this many documents (all sources together)
     seed: int = 0  # random seed (sentencepiece sentence sampling)
+    # sentencepiece: ids of the meta pieces unk/bos/eos/pad (-1 = absent), e.g. T5's {pad: 0, eos: 1, unk: 2, bos: -1};
+    # None → unk 0, bos 1, eos 2, pad 3 (pad only when "<pad>" is in special_tokens)
+    meta_piece_ids: dict[str, int] | None = None
+    # wordpiece: convert the trained sentencepiece bpe into a WordPiece vocab.txt with ## continuation
+    # pieces (GatorTron's recipe; toolkit/tokenization/sp_to_wordpiece.py); None → keep the library's format
+    convert_to: str | None = None
 
     @property
     def specials(self) -> list[str]:
@@ -130,6 +136,18 @@ def _validate(raw: dict[str, Any], path: Path) -> TokenizerSpec:
         raise bad("special_tokens", "a list without repeats")
     if spec.model == "wordpiece" and "[UNK]" not in specials:
         raise ConfigError(f"{path}: key 'special_tokens' must include '[UNK]' for a wordpiece model")
+    ids = raw.get("meta_piece_ids")
+    if ids is not None and (spec.library != "sentencepiece" or not isinstance(ids, dict)
+                            or not set(ids) <= {"unk", "bos", "eos", "pad"} or ids.get("unk", 0) < 0
+                            or any(not isinstance(v, int) or isinstance(v, bool) or v < -1 for v in ids.values())
+                            or len([v for v in ids.values() if v >= 0]) != len({v for v in ids.values() if v >= 0})):
+        raise bad("meta_piece_ids", "a mapping of unk/bos/eos/pad to distinct ids (-1 = absent; unk required), "
+                  "for library sentencepiece")
+    if spec.convert_to is not None and (spec.convert_to != "wordpiece" or spec.library != "sentencepiece"
+                                        or spec.model != "bpe"):
+        raise bad("convert_to", "wordpiece, with library sentencepiece and model bpe")
+    if spec.convert_to == "wordpiece" and spec.special_tokens and "[UNK]" not in specials:
+        raise ConfigError(f"{path}: key 'special_tokens' must include '[UNK]' when converting to wordpiece")
     if spec.vocab_size <= len(specials) + (len(_SPM_META) if spec.library == "sentencepiece" else 0):
         raise bad("vocab_size", "larger than the number of special tokens")
     return spec
@@ -200,7 +218,8 @@ def iter_documents(paths: list[Path], json_key: str = "text", limit: int | None 
 # ---------------------------------------------------------------------------- trainers
 
 
-def _train_sentencepiece(spec: TokenizerSpec, docs: Iterator[str]) -> Tokenizer:
+def _train_sentencepiece(spec: TokenizerSpec, docs: Iterator[str], normalization_rule_name: str | None = None
+                         ) -> Tokenizer:
     import sentencepiece as spm
 
     failure: list[Exception] = []
@@ -223,7 +242,7 @@ def _train_sentencepiece(spec: TokenizerSpec, docs: Iterator[str]) -> Tokenizer:
         byte_fallback=spec.byte_fallback,
         max_sentence_length=spec.max_sentence_length,
         num_threads=spec.num_threads,
-        normalization_rule_name="nmt_nfkc_cf" if spec.lowercase else "nmt_nfkc",
+        normalization_rule_name=normalization_rule_name or ("nmt_nfkc_cf" if spec.lowercase else "nmt_nfkc"),
         unk_id=0,
         bos_id=1,
         eos_id=2,
@@ -231,6 +250,7 @@ def _train_sentencepiece(spec: TokenizerSpec, docs: Iterator[str]) -> Tokenizer:
         user_defined_symbols=[t for t in specials if t not in _SPM_META],
         minloglevel=2,
     )
+    options.update({f"{k}_id": v for k, v in (spec.meta_piece_ids or {}).items()})  # e.g. T5: pad 0, eos 1, unk 2
     if spec.max_sentences is not None:
         options.update(input_sentence_size=spec.max_sentences, shuffle_input_sentence=True)
     spm.set_random_generator_seed(spec.seed)
@@ -294,6 +314,10 @@ def _train_huggingface(spec: TokenizerSpec, docs: Iterator[str]) -> Tokenizer:
 def train_tokenizer(spec: TokenizerSpec, spec_file: Path = Path("<spec>")) -> Tokenizer:
     """Train the tokenizer ``spec`` describes and return it (nothing is written)."""
     docs = iter_documents(_sources(spec, spec_file), spec.json_key, spec.max_documents)
+    if spec.convert_to == "wordpiece":
+        from toolkit.tokenization.sp_to_wordpiece import train_sentencepiece_wordpiece
+
+        return train_sentencepiece_wordpiece(spec, docs)
     if spec.library == "sentencepiece":
         return _train_sentencepiece(spec, docs)
     return _train_huggingface(spec, docs)

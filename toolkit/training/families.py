@@ -10,7 +10,7 @@ from typing import Callable
 
 from toolkit.config import RunConfig
 from toolkit.tokenization import Tokenizer
-from toolkit.training.objectives import causal_lm
+from toolkit.training.objectives import bert_pretraining, causal_lm, t5_span_corruption
 
 
 def _gpt_datasets(cfg: RunConfig, tokenizer: Tokenizer, prefixes: list, num_samples: tuple[int, int, int]):
@@ -18,6 +18,18 @@ def _gpt_datasets(cfg: RunConfig, tokenizer: Tokenizer, prefixes: list, num_samp
 
     return build_gpt_datasets(prefixes, splits_string=cfg.data.splits_string, seq_length=cfg.model.seq_length,
                               seed=cfg.trainer.seed, num_samples=num_samples, cache_dir=cfg.data.index_cache_dir)
+
+
+def _t5_datasets(cfg: RunConfig, tokenizer: Tokenizer, prefixes: list, num_samples: tuple[int, int, int]):
+    from toolkit.data.t5_dataset import build_t5_datasets
+
+    return build_t5_datasets(cfg, tokenizer, prefixes, num_samples)
+
+
+def _bert_datasets(cfg: RunConfig, tokenizer: Tokenizer, prefixes: list, num_samples: tuple[int, int, int]):
+    from toolkit.data.bert_dataset import bert_datasets_for_run
+
+    return bert_datasets_for_run(cfg, tokenizer, prefixes, num_samples)
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,10 @@ class FamilySpec:
 FAMILIES: dict[str, FamilySpec] = {
     "gpt": FamilySpec(objective=causal_lm, datasets=_gpt_datasets, default_tokenizer="english-bpe",
                       tokens_per_sample=lambda cfg: cfg.model.seq_length),
+    "bert": FamilySpec(objective=bert_pretraining, datasets=_bert_datasets, default_tokenizer="english-wordpiece",
+                       tokens_per_sample=lambda cfg: cfg.model.seq_length),
+    "t5": FamilySpec(objective=t5_span_corruption, datasets=_t5_datasets, default_tokenizer="english-t5-spm",
+                     tokens_per_sample=lambda cfg: cfg.model.seq_length + cfg.model.decoder_seq_length),
 }
 
 
