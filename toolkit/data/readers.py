@@ -14,6 +14,7 @@ yielded; preprocessing skips them.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
@@ -89,9 +90,61 @@ def read_text(path: Path, json_key: str = "text") -> Iterator[str]:
         yield "\n".join(block)
 
 
+def iter_csv_notes(path: Path, text_column: str = "text", *, skip_errors: bool = True,
+                   **equals: str | set[str]) -> Iterator[dict[str, str]]:
+    """Rows of a clinical-notes CSV (MIMIC-III ``NOTEEVENTS.csv``, MIMIC-IV ``discharge.csv`` /
+    ``radiology.csv``) as dicts, streamed with the csv module (quoted multi-line notes are one field).
+
+    ``text_column`` and the ``equals`` filters (e.g. ``CATEGORY={"Discharge summary"}``) match column
+    names case-insensitively; other columns are optional. With ``skip_errors``, rows whose optional
+    MIMIC-III ``ISERROR`` column is ``1`` (notes flagged as erroneous) are dropped.
+    """
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # discharge notes exceed the 128 KiB default
+    want = {k.lower(): ({v} if isinstance(v, str) else set(v)) for k, v in equals.items()}
+    row_no = 1
+    try:
+        with open_text(path) as f:
+            reader = csv.reader(f, strict=True)
+            header = [h.strip().lower() for h in next(reader, [])]
+            missing = [c for c in [text_column.lower(), *want] if c not in header]
+            if missing:
+                raise DataError(f"{path}:1: no column '{missing[0]}' (columns: {', '.join(header[:12]) or 'none'}); "
+                                "pass the text column with --json-key")
+            err = header.index("iserror") if skip_errors and "iserror" in header else None
+            for row_no, row in enumerate(reader, start=2):
+                if len(row) != len(header):
+                    raise DataError(f"{path}: record {row_no} (ending on line {reader.line_num}) has {len(row)} "
+                                    f"fields, the header {len(header)}; the file is truncated or not a notes CSV")
+                rec = dict(zip(header, row))
+                if err is not None and row[err].strip() == "1":
+                    continue
+                if all(rec[k] in v for k, v in want.items()):
+                    yield rec
+    except csv.Error as e:
+        raise DataError(f"{path}: record {row_no}: malformed CSV ({e}); the file may be truncated") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: record {row_no}: not valid UTF-8 ({e.reason}); convert the file to UTF-8") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise DataError(f"{path}: cannot read file ({e}); the file may be corrupt or truncated") from None
+
+
+def read_mimic3(path: Path, json_key: str = "text") -> Iterator[str]:
+    """MIMIC-III ``NOTEEVENTS.csv[.gz]``: the ``TEXT`` column of every note not flagged ``ISERROR``."""
+    for rec in iter_csv_notes(path, json_key):
+        yield rec[json_key.lower()]
+
+
+def read_mimic4(path: Path, json_key: str = "text") -> Iterator[str]:
+    """MIMIC-IV-Note ``discharge.csv[.gz]`` / ``radiology.csv[.gz]``: the ``text`` column of every note."""
+    for rec in iter_csv_notes(path, json_key, skip_errors=False):
+        yield rec[json_key.lower()]
+
+
 READERS: dict[str, Reader] = {
     "jsonl": read_jsonl,
     "text": read_text,
+    "mimic3": read_mimic3,  # MIMIC-III NOTEEVENTS.csv (TEXT column)
+    "mimic4": read_mimic4,  # MIMIC-IV-Note discharge.csv / radiology.csv (text column)
 }
 
 # Longest endings first when matching, so ".jsonl.gz" wins over ".gz".
