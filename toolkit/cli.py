@@ -64,6 +64,16 @@ def _cmd_tokenizer_train(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    from toolkit.checkpoint.hf import convert
+
+    out = convert(args.src, args.out, to=args.to, verify=args.verify, dtype=args.dtype,
+                  max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                  tolerance=args.tolerance)
+    print(f"written: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megaforge", description="Train transformer language models at any scale.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -92,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output-prefix", required=True, help="output path without extension")
     s.add_argument("--tokenizer", default="english-bpe", help="tokenizer file/folder or shipped name")
     s.add_argument("--json-key", default="text", help="jsonl field holding the text (default text)")
-    s.add_argument("--format", default="auto", help="input format: auto, jsonl or text (default auto)")
+    s.add_argument("--format", default="auto",
+                   help="input format: auto, jsonl, text, mimic3 (NOTEEVENTS.csv) or mimic4 (note CSVs)")
     s.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default 1)")
     s.set_defaults(func=_cmd_preprocess)
 
@@ -102,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("spec", help="path to a tokenizer spec YAML")
     t.add_argument("--output", default=None, help="output folder (default: the spec's name under tokenizers/)")
     t.set_defaults(func=_cmd_tokenizer_train)
+
+    s = sub.add_parser("convert", help="convert checkpoints: megaforge ↔ Hugging Face, legacy Megatron-LM → megaforge")
+    s.add_argument("src", help="megaforge run dir or step_N folder, Hugging Face folder or Hub id, or legacy "
+                               "Megatron-LM checkpoint folder (detected automatically)")
+    s.add_argument("out", help="output folder")
+    s.add_argument("--to", required=True, choices=["hf", "megaforge"], help="output format")
+    s.add_argument("--verify", action="store_true",
+                   help="compare logits of both sides on a probe batch (and tokenizer ids); exit 1 above tolerance")
+    s.add_argument("--max-shard-size", default="2GB", help="split safetensors above this size (default 2GB)")
+    s.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="weight dtype written (default: as stored for --to hf, fp32 for --to megaforge)")
+    s.add_argument("--tokenizer", default=None,
+                   help="tokenizer to bundle with an import (file, folder or shipped name)")
+    s.add_argument("--vocab-size", type=int, default=None,
+                   help="true vocabulary size of a legacy Megatron checkpoint (padding rows are dropped)")
+    s.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| for --verify (default 1e-4)")
+    s.set_defaults(func=_cmd_convert)
     return p
 
 

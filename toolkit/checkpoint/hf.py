@@ -1,0 +1,386 @@
+"""Export megaforge checkpoints to Hugging Face folders and import them back, streaming.
+
+* :func:`export_hf` — a run directory (its ``checkpoints/latest``) or a ``step_N`` folder →
+  ``config.json``, ``model.safetensors`` (or shards + index), ``generation_config.json`` and the
+  tokenizer files, loadable offline by ``AutoConfig``, ``AutoTokenizer``, ``AutoModelForCausalLM``
+  and ``pipeline("text-generation", ...)``. Vocabulary padding is cut off.
+* :func:`import_hf` — a local HF folder or a Hub id → a megaforge folder shaped like a run
+  directory (``config.yaml``, ``tokenizer/``, ``checkpoints/step_0`` + ``latest``) that
+  ``megaforge generate`` and ``checkpoint.init_from`` accept.
+
+Both read and write one conversion step at a time (see :mod:`toolkit.checkpoint.streaming`); the
+weight names and transforms come from the family's ``models/<family>/hf.py`` adapter, found through
+:data:`HF_ADAPTERS`. With ``verify=True`` both sides run a probe batch (:mod:`toolkit.checkpoint.verify`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from toolkit.checkpoint.hf_mapping import FamilyAdapter, HFTarget, MappingContext, Step, check_shapes
+from toolkit.checkpoint.native import LATEST, CheckpointManager, is_complete
+from toolkit.checkpoint.streaming import (
+    DCPSource,
+    SafetensorsSource,
+    TensorSource,
+    write_dcp_checkpoint,
+    write_safetensors,
+)
+from toolkit.config import ModelConfig, RunConfig, load_config, save_config, validate
+from toolkit.errors import CheckpointError, MegaforgeError
+from toolkit.models.common.embeddings import padded_vocab_size
+
+#: model family → module holding its ``ADAPTER`` (a :class:`FamilyAdapter`)
+HF_ADAPTERS: dict[str, str] = {
+    "gpt": "toolkit.models.gpt.hf",
+}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+_HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+#: files fetched from the Hub for an import (never pickled weights)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+
+
+# ---------------------------------------------------------------------------- adapters
+
+
+def family_adapter(family: str) -> FamilyAdapter:
+    if family not in HF_ADAPTERS:
+        raise CheckpointError(f"model family {family!r} has no Hugging Face converter "
+                              f"(available: {', '.join(HF_ADAPTERS)})")
+    return importlib.import_module(HF_ADAPTERS[family]).ADAPTER
+
+
+def adapter_for_model_type(model_type: str) -> tuple[FamilyAdapter, HFTarget]:
+    """The family adapter and target converting HF ``model_type`` (e.g. ``gpt2``, ``llama``)."""
+    known = []
+    for family in HF_ADAPTERS:
+        adapter = family_adapter(family)
+        target = adapter.target(model_type)
+        if target is not None:
+            return adapter, target
+        known += [t.model_type for t in adapter.targets]
+    raise CheckpointError(f"Hugging Face model_type {model_type!r} is not supported (supported: {', '.join(known)})")
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not one of fp32, bf16, fp16")
+    return DTYPES[dtype]
+
+
+# ---------------------------------------------------------------------------- megaforge side
+
+
+def resolve_checkpoint(src: str | Path) -> tuple[Path, Path]:
+    """A run directory or a ``step_N`` folder → (run directory, checkpoint folder)."""
+    src = Path(src)
+    if is_complete(src):
+        run_dir = src.parent.parent
+    elif (src / "config.yaml").is_file():
+        run_dir = src
+        step = CheckpointManager(src / "checkpoints").latest()
+        if step is None:
+            raise CheckpointError(f"{src} has no complete checkpoint ({src / 'checkpoints' / LATEST} is missing)")
+        src = step
+    else:
+        raise CheckpointError(f"{src} is neither a megaforge run directory (config.yaml + checkpoints/) nor a "
+                              "complete step_N checkpoint folder")
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"checkpoint {src} has no config.yaml two folders up ({run_dir}); export the run "
+                              "directory it belongs to")
+    return run_dir, src
+
+
+def expected_shapes(cfg: ModelConfig, tensor_parallel_size: int = 1) -> dict[str, torch.Size]:
+    """Our parameter shapes for ``cfg``, from the model built on ``meta`` (no memory used)."""
+    from toolkit.registry import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg, tensor_parallel_size=tensor_parallel_size)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def load_megaforge_model(src: str | Path, *, device: str = "cpu"):
+    """Model (fp32, eval mode), run config and tokenizer (or None) of a run dir or step folder."""
+    from toolkit.checkpoint.native import load_model_weights
+    from toolkit.training.run import build_initialized_model
+
+    run_dir, step = resolve_checkpoint(src)
+    cfg = load_config(str(run_dir / "config.yaml"))
+    model = build_initialized_model(cfg, torch.device(device))
+    load_model_weights(step, model)
+    return model.float().eval(), cfg, _load_run_tokenizer(run_dir)
+
+
+def _load_run_tokenizer(run_dir: Path):
+    from toolkit.tokenization import load_tokenizer
+
+    folder = run_dir / "tokenizer"
+    return load_tokenizer(str(folder)) if folder.is_dir() else None
+
+
+# ---------------------------------------------------------------------------- running plans
+
+
+def plan_metas(steps: list[Step], source: TensorSource, ctx: MappingContext, *, dtype: torch.dtype | None,
+               expected_src: dict | None, expected_dst: dict | None, where: str) -> list[tuple[str, torch.Tensor]]:
+    """Run every step on ``meta`` tensors: shapes and dtypes of all outputs before reading data."""
+    items: list[tuple[str, torch.Tensor]] = []
+    for step in steps:
+        metas = [source.meta(n) for n in step.src]
+        if expected_src is not None:
+            for name, m in zip(step.src, metas):
+                want = expected_src.get(name)
+                if want is not None and tuple(m.shape) != tuple(want):
+                    raise CheckpointError(f"{where}: tensor '{name}' has shape {tuple(m.shape)}, but the config "
+                                          f"describes {tuple(want)}; config and weights disagree")
+        outs = step.run(metas, ctx)
+        check_shapes(step, outs, expected_dst, source=where)
+        items += [(n, o.to(dtype) if dtype is not None else o) for n, o in zip(step.dst, outs)]
+    return items
+
+
+def stream_steps(steps: list[Step], source: TensorSource, ctx: MappingContext,
+                 dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Load, convert and yield the destination tensors step by step (in plan order)."""
+    for step in steps:
+        for name, t in zip(step.dst, step.run(source.load(step.src), ctx)):
+            yield name, (t.to(dtype) if dtype is not None else t)
+
+
+class StepCache:
+    """Produces destination tensors by name, running each step once and keeping only its outputs."""
+
+    def __init__(self, steps: list[Step], source: TensorSource, ctx: MappingContext):
+        self._by_dst = {n: s for s in steps for n in s.dst}
+        self._source, self._ctx = source, ctx
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self._cache:
+            step = self._by_dst[name]
+            self._cache = dict(zip(step.dst, step.run(self._source.load(step.src), self._ctx)))
+        return self._cache.pop(name)
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: str | torch.dtype | None = None,
+              max_shard_size: int | str = "2GB", tolerance: float = 1e-4,
+              log: Callable[[str], None] | None = print) -> Path:
+    """Write the Hugging Face folder ``out`` from a megaforge run directory or ``step_N`` checkpoint.
+
+    ``dtype`` (fp32 | bf16 | fp16, default: as stored) casts the weights. With ``verify`` the
+    exported folder is loaded with ``transformers`` and compared with our model on a probe batch;
+    a difference above ``tolerance`` raises :class:`~toolkit.checkpoint.verify.VerificationError`.
+    """
+    run_dir, step_dir = resolve_checkpoint(src)
+    cfg = load_config(str(run_dir / "config.yaml"))
+    mcfg = cfg.model
+    adapter = family_adapter(mcfg.family)
+    target = adapter.select(mcfg)
+    source = DCPSource(step_dir)
+    tp = cfg.parallel.tensor_model_parallel_size  # the vocabulary was padded for the layout it trained with
+    ours = expected_shapes(mcfg, tp)
+    ctx = dataclasses.replace(adapter.context(mcfg), padded_vocab_size=padded_vocab_size(
+        mcfg.vocab_size, mcfg.make_vocab_size_divisible_by, tp))
+    steps = target.table.plan("to_hf", source.names(), ctx, where=str(step_dir))
+    torch_dtype = parse_dtype(dtype)
+    items = plan_metas(steps, source, ctx, dtype=torch_dtype, expected_src=ours, expected_dst=None,
+                       where=str(step_dir))
+    out = Path(out)
+    write_safetensors(out, items, stream_steps(steps, source, ctx, torch_dtype), max_shard_size=max_shard_size)
+    stored = items[0][1].dtype if items else torch.float32
+    tokenizer = _load_run_tokenizer(run_dir)
+    _write_hf_configs(out, target, mcfg, tokenizer, stored)
+    if log:
+        log(f"exported {step_dir} → {out} ({target.architecture}, {len(items)} tensors, {_HF_DTYPE_NAMES[stored]})")
+        if tokenizer is None:
+            log(f"note: {run_dir / 'tokenizer'} is missing; the export has no tokenizer files")
+    if verify:
+        from toolkit.checkpoint.verify import verify_export
+
+        report = verify_export(step_dir, out, tolerance=tolerance, dtype=torch_dtype)
+        if log:
+            log(report.summary())
+        report.raise_if_failed()
+    return out
+
+
+def _write_hf_configs(out: Path, target: HFTarget, mcfg: ModelConfig, tokenizer, dtype: torch.dtype) -> None:
+    from toolkit.tokenization.export import export_tokenizer, special_token_ids
+
+    config = target.config_to_hf(mcfg)
+    ids = special_token_ids(tokenizer) if tokenizer is not None else {}
+    config.update({"bos_token_id": ids.get("bos_token_id"), "eos_token_id": ids.get("eos_token_id"),
+                   "pad_token_id": ids.get("pad_token_id"), "dtype": _HF_DTYPE_NAMES[dtype],
+                   "torch_dtype": _HF_DTYPE_NAMES[dtype]})  # transformers 5 reads dtype, 4.x torch_dtype
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
+    if tokenizer is not None:
+        max_len = mcfg.max_position_embeddings or mcfg.seq_length
+        export_tokenizer(tokenizer, out, model_max_length=max_len)
+
+
+# ---------------------------------------------------------------------------- import
+
+
+def resolve_hf_source(src: str | Path, *, revision: str | None = None) -> Path:
+    """A local folder with ``config.json``, or a Hub repo id downloaded (safetensors only)."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} has no config.json; it is not a Hugging Face model folder")
+        return path
+    if path.exists() or str(src).startswith((".", "/", "~")) or str(src).count("/") > 1:
+        raise CheckpointError(f"{src} is not a Hugging Face model folder or Hub id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=str(src), revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, auth, missing repo
+        raise CheckpointError(f"cannot download {src} from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
+
+
+def read_hf_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {folder / 'config.json'}: {e}") from None
+
+
+def import_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: str | torch.dtype | None = "fp32",
+              tokenizer: str | Path | None = None, revision: str | None = None, tolerance: float = 1e-4,
+              log: Callable[[str], None] | None = print) -> Path:
+    """Convert a Hugging Face model (folder or Hub id) into the megaforge folder ``out``.
+
+    ``dtype`` is what the checkpoint stores (default fp32, what training starts from; None keeps
+    the source dtype). ``tokenizer`` overrides the tokenizer found in the source folder.
+    """
+    folder = resolve_hf_source(src, revision=revision)
+    hf_config = read_hf_config(folder)
+    model_type = hf_config.get("model_type")
+    if not model_type:
+        raise CheckpointError(f"{folder / 'config.json'} has no model_type")
+    adapter, target = adapter_for_model_type(model_type)
+    mcfg = target.config_from_hf(hf_config)
+    tok = _import_tokenizer(folder, tokenizer)
+    source = SafetensorsSource(folder)
+    ctx = adapter.context(mcfg)
+    steps = target.table.plan("from_hf", source.names(), ctx, where=str(folder))
+    state = {"step": 0, "consumed_samples": 0, "imported_from": str(src), "architecture": target.architecture}
+    out = write_megaforge_folder(out, mcfg, steps, source, ctx, tokenizer=tok, dtype=dtype, trainer_state=state,
+                                 where=str(folder), name=Path(str(src)).name,
+                                 description=f"imported from {src} ({target.architecture})")
+    if log:
+        log(f"imported {src} ({target.architecture}) → {out}")
+        if tok is None:
+            log("note: no tokenizer files found; pass tokenizer=... (--tokenizer) to add one")
+    if verify:
+        from toolkit.checkpoint.verify import verify_import
+
+        report = verify_import(folder, out, tolerance=tolerance)
+        if log:
+            log(report.summary())
+        report.raise_if_failed()
+    return out
+
+
+def write_megaforge_folder(out: str | Path, mcfg: ModelConfig, steps: list[Step], source: TensorSource,
+                           ctx: MappingContext, *, tokenizer, dtype: str | torch.dtype | None, trainer_state: dict,
+                           where: str, name: str = "imported", description: str = "") -> Path:
+    """Write ``out/config.yaml``, ``out/tokenizer/`` and ``out/checkpoints/step_0`` (+ ``latest``),
+    producing our tensors from ``source`` through ``steps`` one at a time."""
+    cfg = RunConfig(name=name or "imported", description=description, model=mcfg)
+    out = Path(out)
+    if tokenizer is not None and tokenizer.vocab_size > mcfg.vocab_size:
+        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
+                              f"{mcfg.vocab_size}; they do not belong together")
+    try:
+        validate(cfg)
+    except MegaforgeError as e:
+        raise CheckpointError(f"{where}: its config is not a valid megaforge model: {e}") from None
+    items = plan_metas(steps, source, ctx, dtype=parse_dtype(dtype), expected_src=None,
+                       expected_dst=expected_shapes(mcfg), where=where)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        tokenizer.save(out / "tokenizer")
+        cfg.tokenizer.path = str((out / "tokenizer").resolve())
+    write_dcp_checkpoint(out / "checkpoints", 0, dict(items), StepCache(steps, source, ctx), trainer_state)
+    save_config(cfg, out / "config.yaml")
+    return out
+
+
+def _import_tokenizer(folder: Path, override: str | Path | None):
+    from toolkit.tokenization import load_tokenizer
+
+    if override is not None:
+        return load_tokenizer(str(override))
+    has_files = (folder / "tokenizer.json").is_file() or any(folder.glob("*.model")) or (folder / "vocab.txt").is_file()
+    return load_tokenizer(str(folder)) if has_files else None
+
+
+# ---------------------------------------------------------------------------- one entry point
+
+
+def detect_source(src: str | Path) -> str:
+    """``megaforge`` (run dir or step folder), ``megatron`` (legacy checkpoint) or ``hf`` (folder or Hub id)."""
+    from toolkit.checkpoint.megatron_legacy import is_megatron_checkpoint
+
+    path = Path(src).expanduser()
+    if path.is_dir():
+        if is_complete(path) or ((path / "config.yaml").is_file() and (path / "checkpoints").is_dir()):
+            return "megaforge"
+        if is_megatron_checkpoint(path):
+            return "megatron"
+        if (path / "config.json").is_file():
+            return "hf"
+        raise CheckpointError(f"cannot tell what {path} holds: not a megaforge run/checkpoint, a Megatron-LM "
+                              "checkpoint or a Hugging Face folder")
+    if path.exists() or str(src).startswith((".", "/", "~")) or str(src).count("/") > 1:
+        raise CheckpointError(f"{src} does not exist (and is not a Hugging Face Hub id)")
+    return "hf"
+
+
+def convert(src: str | Path, out: str | Path, *, to: str, verify: bool = False, dtype: str | None = None,
+            max_shard_size: int | str = "2GB", tokenizer: str | None = None, vocab_size: int | None = None,
+            tolerance: float = 1e-4, log: Callable[[str], None] | None = print) -> Path:
+    """What ``megaforge convert`` runs: detect what ``src`` is and convert it ``to`` hf or megaforge."""
+    kind = detect_source(src)
+    if to == "hf":
+        if kind != "megaforge":
+            hint = ("it already is one" if kind == "hf"
+                    else "import it first with --to megaforge, then export that folder")
+            raise CheckpointError(f"--to hf needs a megaforge run directory or checkpoint; {src} is a "
+                                  f"{'Hugging Face model' if kind == 'hf' else 'Megatron-LM checkpoint'} ({hint})")
+        return export_hf(src, out, verify=verify, dtype=dtype, max_shard_size=max_shard_size, tolerance=tolerance,
+                         log=log)
+    if to != "megaforge":
+        raise CheckpointError(f"--to {to!r} is not one of hf, megaforge")
+    if kind == "megaforge":
+        # seam for the offline reshard (convert --to megaforge --tensor-parallel N), not built yet
+        raise CheckpointError(f"{src} is already a megaforge checkpoint; use --to hf to export it")
+    if kind == "hf":
+        return import_hf(src, out, verify=verify, dtype=dtype or "fp32", tokenizer=tokenizer, tolerance=tolerance,
+                         log=log)
+    from toolkit.checkpoint.megatron_legacy import import_megatron
+    from toolkit.checkpoint.verify import smoke_check
+
+    result = import_megatron(src, out, tokenizer=tokenizer, vocab_size=vocab_size, dtype=dtype or "fp32", log=log)
+    if verify:
+        report = smoke_check(result)
+        if log:
+            log("verification: the imported model loads and gives finite logits" if report.ok
+                else "verification FAILED: the imported model gives non-finite logits")
+        report.raise_if_failed()
+    return result

@@ -1,0 +1,294 @@
+"""Tensor-at-a-time reading and writing for the converters, so memory stays bounded by the largest
+conversion step (a layer's q/k/v), never the whole model.
+
+Sources (``names()``, ``meta(name)`` without reading data, ``load(names)``):
+
+* :class:`DCPSource` — the model entries of a native DCP checkpoint, read through
+  ``torch.distributed.checkpoint``'s metadata and ``FileSystemReader`` for just the tensors asked.
+* :class:`SafetensorsSource` — a Hugging Face folder (one file or an index of shards), read lazily
+  with ``safe_open``.
+* :class:`LazySource` — any ``name → meta`` table with a loader function (legacy Megatron merges).
+
+Sinks:
+
+* :func:`write_safetensors` — shards planned from the output shapes up front, then each file's
+  header is written and tensors are streamed into it as they are produced.
+* :func:`write_dcp_checkpoint` — a native ``step_N`` checkpoint written through DCP with a planner
+  that produces each tensor only when DCP asks for it (one file per tensor).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from toolkit.checkpoint.native import LATEST, TRAINER_STATE
+from toolkit.errors import CheckpointError
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_FROM_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class TensorSource(Protocol):
+    def names(self) -> list[str]: ...
+
+    def meta(self, name: str) -> torch.Tensor: ...
+
+    def load(self, names: Sequence[str]) -> list[torch.Tensor]: ...
+
+
+def meta_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=dtype, device="meta")
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+class DCPSource:
+    """Tensors under ``prefix`` (default the ``model`` entry) of a DCP checkpoint folder."""
+
+    def __init__(self, path: str | Path, prefix: str = "model."):
+        self.path, self.prefix = Path(path), prefix
+        try:
+            md = FileSystemReader(str(self.path)).read_metadata()
+        except Exception as e:  # missing or corrupt .metadata
+            raise CheckpointError(f"cannot read DCP metadata of {self.path} ({_first_line(e)}); "
+                                  "is it a complete megaforge checkpoint?") from None
+        self._meta = {k[len(prefix):]: meta_tensor(v.size, v.properties.dtype)
+                      for k, v in md.state_dict_metadata.items()
+                      if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
+
+    def names(self) -> list[str]:
+        return list(self._meta)
+
+    def meta(self, name: str) -> torch.Tensor:
+        return self._meta[name]
+
+    def load(self, names: Sequence[str]) -> list[torch.Tensor]:
+        state = {self.prefix + n: torch.empty(self._meta[n].shape, dtype=self._meta[n].dtype) for n in names}
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
+        except Exception as e:
+            raise CheckpointError(f"cannot read {', '.join(names)} from {self.path}: {_first_line(e)}") from None
+        return [state[self.prefix + n] for n in names]
+
+
+class SafetensorsSource:
+    """The weights of a Hugging Face folder: ``model.safetensors`` or an index of shards."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        elif (self.folder / SINGLE_FILE).is_file():
+            files, weight_map = [SINGLE_FILE], {}
+        else:
+            pickles = [p.name for p in self.folder.glob("*.bin")] + [p.name for p in self.folder.glob("*.pt")]
+            hint = (f" (found {pickles[0]}: pickle weights are not loaded; re-save the model with "
+                    "save_pretrained(..., safe_serialization=True))") if pickles else ""
+            raise CheckpointError(f"{self.folder} has no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+        self._handles = {}
+        self._where: dict[str, str] = {}
+        for f in files:
+            try:
+                h = safe_open(str(self.folder / f), framework="pt")
+            except Exception as e:
+                raise CheckpointError(f"cannot open {self.folder / f}: {_first_line(e)}") from None
+            self._handles[f] = h
+            for k in h.keys():
+                self._where[k] = f
+        missing = sorted(set(weight_map) - set(self._where))
+        if missing:
+            raise CheckpointError(f"{index} lists '{missing[0]}' but no shard holds it; the download is incomplete")
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def meta(self, name: str) -> torch.Tensor:
+        sl = self._handles[self._where[name]].get_slice(name)
+        return meta_tensor(sl.get_shape(), _FROM_SAFETENSORS[sl.get_dtype()])
+
+    def load(self, names: Sequence[str]) -> list[torch.Tensor]:
+        return [self._handles[self._where[n]].get_tensor(n) for n in names]
+
+
+class LazySource:
+    """A source given as ``name → meta tensor`` and a function that loads one tensor."""
+
+    def __init__(self, metas: Mapping[str, torch.Tensor], loader: Callable[[str], torch.Tensor]):
+        self._metas, self._loader = dict(metas), loader
+
+    def names(self) -> list[str]:
+        return list(self._metas)
+
+    def meta(self, name: str) -> torch.Tensor:
+        return self._metas[name]
+
+    def load(self, names: Sequence[str]) -> list[torch.Tensor]:
+        return [self._loader(n) for n in names]
+
+
+# ---------------------------------------------------------------------------- safetensors writer
+
+
+def parse_size(size: int | str) -> int:
+    """``"2GB"`` (10^9), ``"500MiB"`` (2^20), ``"10KB"`` or a byte count → bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise CheckpointError(f"cannot read size {size!r}; write it like 2GB, 500MB or 1048576")
+    unit = m.group(2).upper().rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def plan_shards(items: Sequence[tuple[str, torch.Tensor]], max_shard_size: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Greedy split in order: a shard closes before the tensor that would push it past the limit."""
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, meta in items:
+        n = _nbytes(meta)
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, meta))
+        size += n
+    return shards
+
+
+def _header(items: Sequence[tuple[str, torch.Tensor]]) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, meta in items:
+        n = _nbytes(meta)
+        header[name] = {"dtype": SAFETENSORS_DTYPES[meta.dtype], "shape": list(meta.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def write_safetensors(folder: str | Path, items: Sequence[tuple[str, torch.Tensor]],
+                      tensors: Iterator[tuple[str, torch.Tensor]], *, max_shard_size: int | str = "2GB") -> list[Path]:
+    """Write ``tensors`` (produced in the order of ``items``, whose metas give shapes and dtypes) as
+    ``model.safetensors``, or as shards + ``model.safetensors.index.json`` above ``max_shard_size``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = plan_shards(items, parse_size(max_shard_size))
+    n = len(shards)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for stale in list(folder.glob("model*.safetensors")) + [folder / INDEX_FILE]:
+        if stale.name not in names and stale.exists():
+            stale.unlink()
+    weight_map: dict[str, str] = {}
+    total = 0
+    for shard, fname in zip(shards, names):
+        tmp = folder / (fname + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(_header(shard))
+            for name, meta in shard:
+                got_name, t = next(tensors)
+                if got_name != name or tuple(t.shape) != tuple(meta.shape) or t.dtype != meta.dtype:
+                    raise RuntimeError(f"expected {name} {tuple(meta.shape)} {meta.dtype}, got {got_name} "
+                                       f"{tuple(t.shape)} {t.dtype}")
+                data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)  # raw little-endian bytes
+                fh.write(memoryview(data.numpy()))
+                weight_map[name] = fname
+                total += _nbytes(meta)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / fname)
+    written = [folder / f for f in names]
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        written.append(folder / INDEX_FILE)
+    return written
+
+
+# ---------------------------------------------------------------------------- DCP writer
+
+
+class _LazySavePlanner(DefaultSavePlanner):
+    """Plans from ``meta`` tensors; the data of each entry is produced when DCP writes it."""
+
+    def __init__(self, produce: Callable[[str], torch.Tensor]):
+        super().__init__()
+        self._produce = produce
+
+    def lookup_object(self, index):
+        return self._produce(index.fqn)
+
+
+def write_dcp_checkpoint(checkpoints: str | Path, step: int, metas: Mapping[str, torch.Tensor],
+                         produce: Callable[[str], torch.Tensor], trainer_state: dict) -> Path:
+    """Write ``checkpoints/step_<step>`` holding ``{"model": ...}`` and point ``latest`` at it.
+
+    ``produce(name)`` returns our tensor ``name`` (shape and dtype as in ``metas``); it is called
+    once per tensor while DCP writes, so only one tensor (one conversion step) is in memory.
+    """
+    checkpoints = Path(checkpoints)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    final, tmp = checkpoints / f"step_{step}", checkpoints / f"step_{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {"model": dict(metas)}
+
+    def produce_flat(fqn: str) -> torch.Tensor:
+        name = fqn[len("model."):]
+        t = produce(name)
+        meta = metas[name]
+        if tuple(t.shape) != tuple(meta.shape):
+            raise RuntimeError(f"{name}: produced shape {tuple(t.shape)}, planned {tuple(meta.shape)}")
+        return t.to(meta.dtype).contiguous()
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, storage_writer=FileSystemWriter(str(tmp), single_file_per_rank=False),
+                 planner=_LazySavePlanner(produce_flat), no_dist=True)
+    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = checkpoints / (LATEST + ".tmp")
+    pointer.write_text(final.name)
+    os.replace(pointer, checkpoints / LATEST)
+    return final
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

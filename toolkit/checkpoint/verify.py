@@ -1,0 +1,183 @@
+"""Self-verification of conversions: both sides run the same probe batch in fp32.
+
+The report holds the max absolute logit difference over the true vocabulary (padding columns
+excluded) and whether ``AutoTokenizer`` gives our token ids on probe texts. Above ``tolerance``
+(default 1e-4) :meth:`VerifyReport.raise_if_failed` raises :class:`VerificationError`, which the
+CLI turns into exit code 1.
+
+Probes are per task (``HFTarget.task``); families add theirs to :data:`PROBES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from toolkit.errors import CheckpointError
+
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "It was the best of times, it was the worst of times,\nit was the age of wisdom...",
+    "  Leading spaces, tabs\tand CAPITALS; numbers 12345 and 3.14159!",
+    "naïve café — Zürich, 東京, 🙂",
+)
+
+
+class VerificationError(CheckpointError):
+    """The two sides of a conversion disagree beyond the tolerance."""
+
+    exit_code = 1
+
+
+@dataclass
+class VerifyReport:
+    max_abs_diff: float
+    tolerance: float
+    num_tokens: int
+    texts_checked: int = 0
+    token_mismatch: str | None = None  # first text whose ids differ, or None
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance and self.token_mismatch is None
+
+    def summary(self) -> str:
+        verdict = "verification passed" if self.ok else "verification FAILED"
+        text = (f"{verdict}: max |logit difference| = {self.max_abs_diff:.3g} over {self.num_tokens} probe tokens "
+                f"(tolerance {self.tolerance:g})")
+        if self.texts_checked:
+            text += ("; tokenizer ids match on " + f"{self.texts_checked} texts" if self.token_mismatch is None
+                     else f"; tokenizer ids differ on {self.token_mismatch!r}")
+        return text
+
+    def raise_if_failed(self) -> None:
+        if not self.ok:
+            raise VerificationError(self.summary())
+
+
+def require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise CheckpointError("verification needs the transformers package: pip install 'megaforge[hf]'") from None
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+# ---------------------------------------------------------------------------- probes
+
+
+def probe_ids(vocab_size: int, max_len: int, tokenizer=None, *, seed: int = 0) -> list[torch.Tensor]:
+    """Probe batches [b, s]: random ids, plus the probe texts when a tokenizer is given."""
+    gen = torch.Generator().manual_seed(seed)
+    s = max(2, min(16, max_len))
+    batches = [torch.randint(0, vocab_size, (2, s), generator=gen)]
+    if tokenizer is not None:
+        for text in PROBE_TEXTS:
+            ids = [i for i in tokenizer.encode(text) if i < vocab_size][:max_len]
+            if ids:
+                batches.append(torch.tensor([ids]))
+    return batches
+
+
+@torch.no_grad()
+def causal_lm_probe(ours: nn.Module, theirs: nn.Module, ids: torch.Tensor, vocab_size: int) -> float:
+    a = ours(ids)[..., :vocab_size].float()  # [b, s, vocab]
+    b = theirs(input_ids=ids).logits[..., :vocab_size].float()  # [b, s, vocab]
+    if a.shape != b.shape:
+        raise VerificationError(f"logit shapes differ: ours {tuple(a.shape)}, transformers {tuple(b.shape)}")
+    return float((a - b).abs().max())
+
+
+#: task → (our model, transformers model, ids [b, s], true vocab) → max abs logit difference
+PROBES: dict[str, Callable[[nn.Module, nn.Module, torch.Tensor, int], float]] = {"causal_lm": causal_lm_probe}
+
+
+def compare_models(ours: nn.Module, theirs: nn.Module, *, vocab_size: int, max_len: int, task: str = "causal_lm",
+                   tokenizer=None, tolerance: float = 1e-4) -> VerifyReport:
+    ours.eval()
+    theirs.eval()
+    probe = PROBES[task]
+    worst, tokens = 0.0, 0
+    for ids in probe_ids(vocab_size, max_len, tokenizer):
+        worst = max(worst, probe(ours, theirs, ids, vocab_size))
+        tokens += ids.numel()
+    return VerifyReport(max_abs_diff=worst, tolerance=tolerance, num_tokens=tokens)
+
+
+def compare_tokenizers(ours, hf_folder: str | Path, texts: Sequence[str] = PROBE_TEXTS) -> tuple[int, str | None]:
+    """(texts checked, first text whose ids differ or None): ours vs ``AutoTokenizer`` on ``texts``."""
+    transformers = require_transformers()
+    theirs = transformers.AutoTokenizer.from_pretrained(str(hf_folder))
+    for text in texts:
+        if theirs(text, add_special_tokens=False)["input_ids"] != ours.encode(text):
+            return len(texts), text
+    return len(texts), None
+
+
+def _round_weights(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """Round our weights through ``dtype`` (as an export in that dtype does) and back to fp32."""
+    if dtype is not None and dtype != torch.float32:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(dtype).float())
+    return model
+
+
+def _load_hf_model(folder: Path, architecture: str) -> nn.Module:
+    transformers = require_transformers()
+    cls = getattr(transformers, architecture)
+    return cls.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def _max_len(cfg) -> int:
+    return cfg.max_position_embeddings or cfg.seq_length
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def verify_export(checkpoint: str | Path, hf_folder: str | Path, *, tolerance: float = 1e-4,
+                  dtype: torch.dtype | None = None) -> VerifyReport:
+    """Our checkpoint (weights rounded through ``dtype``) vs ``transformers`` loading ``hf_folder``."""
+    from toolkit.checkpoint.hf import family_adapter, load_megaforge_model
+
+    model, cfg, tokenizer = load_megaforge_model(checkpoint)
+    target = family_adapter(cfg.model.family).select(cfg.model)
+    theirs = _load_hf_model(Path(hf_folder), target.architecture)
+    report = compare_models(_round_weights(model, dtype), theirs, vocab_size=cfg.model.vocab_size,
+                            max_len=_max_len(cfg.model), task=target.task, tokenizer=tokenizer, tolerance=tolerance)
+    if tokenizer is not None:
+        report.texts_checked, report.token_mismatch = compare_tokenizers(tokenizer, hf_folder)
+    return report
+
+
+def verify_import(hf_folder: str | Path, megaforge_folder: str | Path, *, tolerance: float = 1e-4) -> VerifyReport:
+    """``transformers`` loading ``hf_folder`` vs our model loaded from the imported folder."""
+    from toolkit.checkpoint.hf import adapter_for_model_type, load_megaforge_model, read_hf_config
+
+    model, cfg, tokenizer = load_megaforge_model(megaforge_folder)
+    _, target = adapter_for_model_type(read_hf_config(Path(hf_folder))["model_type"])
+    theirs = _load_hf_model(Path(hf_folder), target.architecture)
+    report = compare_models(model, theirs, vocab_size=cfg.model.vocab_size, max_len=_max_len(cfg.model),
+                            task=target.task, tokenizer=tokenizer, tolerance=tolerance)
+    if tokenizer is not None and (Path(hf_folder) / "tokenizer_config.json").is_file():
+        report.texts_checked, report.token_mismatch = compare_tokenizers(tokenizer, hf_folder)
+    return report
+
+
+@torch.no_grad()
+def smoke_check(megaforge_folder: str | Path) -> VerifyReport:
+    """Without a reference model (legacy imports): the model loads and gives finite logits."""
+    from toolkit.checkpoint.hf import load_megaforge_model
+
+    model, cfg, tokenizer = load_megaforge_model(megaforge_folder)
+    ids = probe_ids(cfg.model.vocab_size, _max_len(cfg.model), tokenizer)[0]
+    logits = model(ids)[..., : cfg.model.vocab_size]
+    finite = bool(torch.isfinite(logits).all())
+    return VerifyReport(max_abs_diff=0.0 if finite else float("inf"), tolerance=0.0, num_tokens=ids.numel())
