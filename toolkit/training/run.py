@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -88,16 +89,25 @@ def build_datasets(cfg: RunConfig, tokenizer: Tokenizer, run_dir: Path):
 
 
 def build_initialized_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
-    """Build on ``meta``, materialize on ``device``, initialize from ``trainer.seed``."""
+    """Build on ``meta``, materialize on ``device``, initialize from ``trainer.seed``.
+
+    The vocabulary is padded for ``parallel.tensor_model_parallel_size`` so a run's checkpoints
+    load into the single-device model whatever layout wrote them.
+    """
     with torch.device("meta"):
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, tensor_parallel_size=cfg.parallel.tensor_model_parallel_size)
     model.to_empty(device=device)
     model.init_weights(cfg.trainer.seed)
     return model
 
 
 def train(cfg: RunConfig) -> TrainResult:
-    """Train ``cfg`` in this process (resuming from the run directory's latest checkpoint)."""
+    """Train ``cfg`` in this process, or as one rank of a ``torchrun`` job (resuming from the run
+    directory's latest checkpoint)."""
+    from toolkit.parallel import dist_env, validate_parallel
+
+    env = dist_env()
+    validate_parallel(cfg, env.world_size)  # before any collective: a bad layout is one line, exit 2
     t = cfg.trainer
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -105,12 +115,53 @@ def train(cfg: RunConfig) -> TrainResult:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     device = pick_device(t.device)
+    if env.world_size == 1:
+        return _train(cfg, device, None)
+    from toolkit.parallel.mesh import destroy
+    from toolkit.parallel.runtime import setup
+
+    if device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    runtime = setup(cfg, device)
+    try:
+        return _train(cfg, device, runtime)
+    except BaseException as e:
+        print(f"megaforge: rank {runtime.rank} failed: {type(e).__name__}: {str(e).strip().splitlines()[:1]}",
+              file=sys.stderr, flush=True)
+        raise
+    finally:
+        destroy()
+
+
+def _train(cfg: RunConfig, device: torch.device, runtime) -> TrainResult:
+    import torch.distributed as dist
+
+    t = cfg.trainer
     spec = family(cfg.model.family)
     tokenizer = setup_tokenizer(cfg)
-    run_dir = prepare_run_dir(cfg, tokenizer)
-    train_ds, valid_ds = build_datasets(cfg, tokenizer, run_dir)
+    logging_rank = runtime is None or runtime.is_logging_rank
+    if runtime is None:
+        run_dir = prepare_run_dir(cfg, tokenizer)
+        train_ds, valid_ds = build_datasets(cfg, tokenizer, run_dir)
+    else:  # rank 0 writes the run directory and builds index caches; the others then read them
+        if logging_rank:
+            run_dir = prepare_run_dir(cfg, tokenizer)
+            train_ds, valid_ds = build_datasets(cfg, tokenizer, run_dir)
+        dist.barrier()
+        if not logging_rank:
+            run_dir = run_dir_of(cfg)
+            train_ds, valid_ds = build_datasets(cfg, tokenizer, run_dir)
     model = build_initialized_model(cfg, device)
     n_params = model.num_parameters(exclude_positions=True)
+    if runtime is not None:
+        runtime.parallelize(model, cfg.model.family, cfg.model.recompute_granularity)
+    elif cfg.model.recompute_granularity != "none":
+        from toolkit.parallel.recompute import apply_recompute
+
+        layers = getattr(model, "layers", None)
+        apply_recompute(layers.values() if isinstance(layers, torch.nn.ModuleDict) else [],
+                        cfg.model.recompute_granularity)
     optimizer = build_optimizer(model, cfg.optim)
     train_model = torch.compile(model) if t.compile else model
     trainer = Trainer(
@@ -128,11 +179,20 @@ def train(cfg: RunConfig) -> TrainResult:
         flops_per_token=flops_per_token(cfg.model, n_params),
         seq_length=spec.tokens_per_sample(cfg),
         config_dict=OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))),
+        layout=runtime.layout if runtime is not None else None,
+        data_parallel_rank=runtime.dp_rank if runtime is not None else 0,
+        data_parallel_size=runtime.dims.dp if runtime is not None else 1,
+        is_logging_rank=logging_rank,
+        parallel=runtime,
     )
-    print(f"megaforge: training {cfg.name} ({n_params / 1e6:.2f}M parameters) on {device} "
-          f"→ {run_dir}", flush=True)
+    if logging_rank:
+        where = f"{runtime.dims.world_size} processes, layout {runtime.layout}" if runtime is not None else device
+        print(f"megaforge: training {cfg.name} ({n_params / 1e6:.2f}M parameters) on {where} "
+              f"→ {run_dir}", flush=True)
     result = trainer.fit()
-    if t.sample_prompt:
+    if t.sample_prompt and runtime is not None and logging_rank:
+        print("megaforge: end-of-run sample skipped under torchrun; run `megaforge generate RUN_DIR`", flush=True)
+    elif t.sample_prompt:
         from toolkit.generation import generate_text
 
         text = generate_text(model, tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens, device=device,

@@ -43,6 +43,11 @@ class TrainResult:
     plot_path: Path | None = None
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a loss that may be a (replicated) DTensor under tensor parallelism."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def step_seed(seed: int, step: int) -> int:
     """Seed of the dropout RNG for one optimizer step (independent of where a run was resumed)."""
     return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
@@ -70,6 +75,7 @@ class Trainer:
         data_parallel_rank: int = 0,
         data_parallel_size: int = 1,
         is_logging_rank: bool = True,
+        parallel: Any | None = None,
     ):
         self.model, self.optimizer, self.objective = model, optimizer, objective
         self.train_dataset, self.valid_dataset = train_dataset, valid_dataset
@@ -80,6 +86,7 @@ class Trainer:
         self.layout = layout or {"tp": 1, "pp": 1, "dp": 1}
         self.dp_rank, self.dp_size = data_parallel_rank, data_parallel_size
         self.is_logging_rank = is_logging_rank
+        self.parallel = parallel  # toolkit.parallel.runtime.ParallelRuntime under torchrun, else None
         self.precision = Precision(trainer_cfg.precision, device, initial_loss_scale=trainer_cfg.initial_loss_scale)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=checkpoint_cfg.keep_last)
         per_step = trainer_cfg.micro_batch_size * data_parallel_size
@@ -128,20 +135,29 @@ class Trainer:
     # ---- one step ------------------------------------------------------------------------
     def train_step(self, batches) -> tuple[float, float]:
         """Forward/backward over the micro-batches of one global batch, then one optimizer step."""
-        torch.manual_seed(step_seed(self.cfg.seed, self.state.step))
+        par = self.parallel
+        # dropout differs across data-parallel ranks (rank 0 keeps the single-process stream)
+        torch.manual_seed(step_seed(self.cfg.seed, self.state.step) + self.dp_rank)
         set_lr(self.optimizer, lr_at(self.state.step, self.optim_cfg, self.cfg.max_steps))
         scaler = self.precision.scaler
         total = torch.zeros((), device=self.device)
-        for _ in range(self.num_microbatches):
+        for i in range(self.num_microbatches):
             batch = self._to_device(next(batches))
-            with self.precision.autocast():
-                loss = self.objective(self.model, batch)
-            scaler.scale(loss / self.num_microbatches).backward()
-            total += loss.detach()
+            if par is not None:  # reduce gradients across dp only after the last micro-batch
+                par.set_grad_sync(self.model, i == self.num_microbatches - 1)
+            with self._loss_context():
+                with self.precision.autocast():
+                    loss = self.objective(self.model, batch)
+                scaler.scale(loss / self.num_microbatches).backward()
+            total += _plain(loss).detach()
         scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        if par is not None:
+            grad_norm = par.clip_grad_norm_(params, clip)
+            total = par.mean_over_dp(total)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
         scaler.step(self.optimizer)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -159,10 +175,18 @@ class Trainer:
         self.model.eval()
         losses = []
         for batch in self._loader(self.valid_dataset, 0, total):
-            with self.precision.autocast():
-                losses.append(self.objective(self.model, self._to_device(batch)).float())
+            with self._loss_context(), self.precision.autocast():
+                losses.append(_plain(self.objective(self.model, self._to_device(batch))).float())
         self.model.train()
-        return torch.stack(losses).mean().item()
+        mean = torch.stack(losses).mean()
+        if self.parallel is not None:
+            mean = self.parallel.mean_over_dp(mean)
+        return mean.item()
+
+    def _loss_context(self):
+        import contextlib
+
+        return self.parallel.loss_context() if self.parallel is not None else contextlib.nullcontext()
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -185,6 +209,8 @@ class Trainer:
         self.model.train()
         tokens_per_step = cfg.global_batch_size * self.seq_length
         while self.state.step < cfg.max_steps:
+            if self.parallel is not None:
+                self.parallel.fault_hook(self.state.step)
             start = time.perf_counter()
             loss, grad_norm = self.train_step(batches)
             elapsed = time.perf_counter() - start
