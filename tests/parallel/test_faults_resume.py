@@ -1,0 +1,44 @@
+"""A dead or hung rank ends the whole job quickly with a non-zero exit; sharded resume is exact."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tests.parallel.helpers import TINY, assert_same_run, launch, losses, train_ok, vocab_pad, weights
+
+
+def test_dead_rank_ends_job(tmp_path: Path):
+    start = time.monotonic()
+    out = launch(tmp_path / "run", 2, *TINY, "trainer.max_steps=50", env={"MEGAFORGE_FAULT_INJECT": "1:2"},
+                 timeout=120)
+    assert out.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "rank 1" in out.stdout + out.stderr
+
+
+def test_hung_rank_ends_job_on_collective_timeout(tmp_path: Path):
+    """Rank 1 stops answering (no process exits): rank 0 must fail on parallel.timeout_seconds."""
+    start = time.monotonic()
+    out = launch(tmp_path / "run", 2, *TINY, "trainer.max_steps=50", "parallel.timeout_seconds=10",
+                 env={"MEGAFORGE_FAULT_INJECT": "1:2:hang"}, timeout=120)
+    assert out.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "rank 0 failed" in out.stderr
+
+
+def test_tp2_dp2_sharded_resume_is_exact(tmp_path: Path):
+    layout = ["parallel.tensor_model_parallel_size=2", "parallel.data_parallel_sharding=full", vocab_pad(2)]
+    straight = train_ok(tmp_path / "straight", 4, *TINY, *layout)
+    run = tmp_path / "resumed"
+    train_ok(run, 4, *TINY, *layout, "trainer.exit_interval=3")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_3"
+    train_ok(run, 4, *TINY, *layout)
+    assert losses(run)[-2:] == losses(straight)[-2:]
+    a, b = weights(run), weights(straight)
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() < 1e-6, k
+    import json
+
+    state = json.loads((run / "checkpoints" / "step_5" / "trainer_state.json").read_text())
+    assert state["layout"] == {"tp": 2, "pp": 1, "dp": 2}

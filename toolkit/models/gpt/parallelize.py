@@ -1,0 +1,69 @@
+"""The GPT family's tensor/sequence-parallel plan (Megatron's layout, expressed as DTensor styles).
+
+* word embedding: vocab-parallel (``RowwiseParallel`` on ``nn.Embedding`` → weight ``Shard(0)``);
+* attention ``q``/``k``/``v``: column-parallel (heads split; GQA key/value heads split the same way),
+  ``out``: row-parallel; MLP ``fc1``/``gate`` column-, ``fc2`` row-parallel;
+* norms and learned positions: whole on every rank; under sequence parallelism they work on
+  ``Shard(1)`` (sequence-sharded) activations, and attention/MLP inputs are all-gathered first;
+* output layer (``head``, or the tied word embedding): column-parallel over the vocabulary, logits
+  stay ``Shard(-1)`` DTensors for ``loss_parallel`` (vocab-parallel cross-entropy, no gather).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+)
+
+from toolkit.parallel.tensor import ReplicatedParams, apply_plan
+
+
+def gpt_tp_plan(model: nn.Module, *, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """Module-name patterns → styles for the modules this (possibly pipeline-split) model holds."""
+    act = Shard(1) if sequence_parallel else Replicate()  # layout of hidden states between blocks
+    plan: dict[str, ParallelStyle] = {}
+    if model.embed is not None:
+        plan["embed.tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+        if model.embed.positions is not None:
+            plan["embed.positions"] = ReplicatedParams()
+        if sequence_parallel:
+            plan["embed"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1),
+                                                use_local_output=True)
+    if len(model.layers):
+        gated = next(iter(model.layers.values())).mlp.gate is not None
+        plan["layers.*.attn_norm"] = ReplicatedParams(input_layout=act)
+        plan["layers.*.mlp_norm"] = ReplicatedParams(input_layout=act)
+        if sequence_parallel:
+            for block in ("attn", "mlp"):
+                plan[f"layers.*.{block}"] = PrepareModuleInput(input_layouts=(Shard(1),),
+                                                               desired_input_layouts=(Replicate(),),
+                                                               use_local_output=True)
+        for proj in ("q", "k", "v"):
+            plan[f"layers.*.attn.{proj}"] = ColwiseParallel()
+        plan["layers.*.attn.out"] = RowwiseParallel(output_layouts=act)
+        plan["layers.*.mlp.fc1"] = ColwiseParallel()
+        if gated:
+            plan["layers.*.mlp.gate"] = ColwiseParallel()
+        plan["layers.*.mlp.fc2"] = RowwiseParallel(output_layouts=act)
+    if model.final_norm is not None:
+        # replicated DTensor out: the (tied or not) output layer then yields Shard(-1) logits
+        plan["final_norm"] = ReplicatedParams(input_layout=act, desired_output_layout=Replicate(),
+                                              use_local_output=False)
+        if model.head is not None:
+            plan["head"] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1),
+                                           use_local_output=False)
+    return plan
+
+
+def parallelize_gpt(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> nn.Module:
+    """Shard ``model`` (built with ``tensor_parallel_size = tp``) over ``tp_mesh`` in place."""
+    if model.tied and model.embed is None and model.final_norm is not None:
+        raise ValueError("tied output weights need the embedding on the same pipeline stage")
+    return apply_plan(model, tp_mesh, gpt_tp_plan(model, sequence_parallel=sequence_parallel))
