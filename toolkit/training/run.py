@@ -165,7 +165,7 @@ def _train(cfg: RunConfig, device: torch.device, runtime) -> TrainResult:
     optimizer = build_optimizer(model, cfg.optim)
     train_model = torch.compile(model) if t.compile else model
     trainer = Trainer(
-        model=train_model if not t.compile else model,
+        model=model,  # the plain module: checkpoints and clipping see single-device names
         optimizer=optimizer,
         objective=_compiled_objective(spec.objective, train_model) if t.compile else spec.objective,
         train_dataset=train_ds,
