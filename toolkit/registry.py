@@ -57,6 +57,28 @@ def model_builder(family: str) -> ModelBuilder:
     raise ConfigError(f"model.family={family!r} is not registered" + (f"; did you mean '{hint}'?" if hint else ""))
 
 
+# family → its tensor/sequence-parallel plan: ``(model, tp_mesh, *, sequence_parallel) -> model``.
+# The plan functions live in ``toolkit/models/<family>/parallelize.py``; ``toolkit.parallel`` receives
+# the function and never imports a family itself.
+TensorParallelPlan = Callable[..., nn.Module]
+
+
+def _gpt_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool) -> nn.Module:
+    from toolkit.models.gpt.parallelize import parallelize_gpt
+
+    return parallelize_gpt(model, tp_mesh, sequence_parallel=sequence_parallel)
+
+
+TENSOR_PARALLEL_PLANS: dict[str, TensorParallelPlan] = {
+    "gpt": _gpt_tp,
+}
+
+
+def tensor_parallel_plan(family: str) -> TensorParallelPlan | None:
+    """The family's tensor-parallel plan, or None when it has none."""
+    return TENSOR_PARALLEL_PLANS.get(family)
+
+
 def build_model(cfg: ModelConfig, *, tensor_parallel_size: int = 1) -> nn.Module:
     """Build the family's single-device module on the current default device (use ``torch.device('meta')``)."""
     return model_builder(cfg.family)(cfg, tensor_parallel_size=tensor_parallel_size)

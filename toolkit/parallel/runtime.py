@@ -52,16 +52,18 @@ class ParallelRuntime:
         return self.dims.layout
 
     # ---- model -----------------------------------------------------------------------------
-    def parallelize(self, model: nn.Module, family: str, recompute: str = "none") -> nn.Module:
-        """TP/SP plan, then activation recompute, then data parallel (in that order), in place."""
+    def parallelize(self, model: nn.Module, tp_plan=None, recompute: str = "none") -> nn.Module:
+        """TP/SP plan, then activation recompute, then data parallel (in that order), in place.
+
+        ``tp_plan``: the family's ``(model, tp_mesh, *, sequence_parallel) -> model`` (see
+        ``toolkit.registry.tensor_parallel_plan``); required when tp > 1.
+        """
         from toolkit.parallel.recompute import apply_recompute
 
         if self.dims.tp > 1:
-            if family != "gpt":
-                raise ValueError(f"no tensor-parallel plan for model family {family!r}")
-            from toolkit.models.gpt.parallelize import parallelize_gpt
-
-            parallelize_gpt(model, self.mesh["tp"], sequence_parallel=self.sequence_parallel)
+            if tp_plan is None:
+                raise ValueError("tensor_model_parallel_size > 1 needs the model family's tensor-parallel plan")
+            tp_plan(model, self.mesh["tp"], sequence_parallel=self.sequence_parallel)
         blocks = list(_blocks(model))
         apply_recompute(blocks, recompute)
         if self.dims.dp > 1:

@@ -54,7 +54,8 @@ def validate_parallel(cfg: RunConfig, world_size: int) -> None:
         raise ParallelConfigError(f"parallel.pipeline_model_parallel_size={pp}: pipeline parallelism is not "
                                   f"implemented yet; use pipeline_model_parallel_size=1 (tensor and data parallel "
                                   f"are supported)")
-    if (tp > 1 or pp > 1) and m.family != "gpt":
-        raise ParallelConfigError(f"model.family={m.family} has no tensor/pipeline-parallel plan yet "
-                                  f"(tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp}); "
-                                  f"use data parallelism only")
+    from toolkit.registry import tensor_parallel_plan
+
+    if tp > 1 and tensor_parallel_plan(m.family) is None:
+        raise ParallelConfigError(f"model.family={m.family} has no tensor-parallel plan "
+                                  f"(parallel.tensor_model_parallel_size={tp}); use data parallelism only")

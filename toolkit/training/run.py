@@ -155,7 +155,9 @@ def _train(cfg: RunConfig, device: torch.device, runtime) -> TrainResult:
     model = build_initialized_model(cfg, device)
     n_params = model.num_parameters(exclude_positions=True)
     if runtime is not None:
-        runtime.parallelize(model, cfg.model.family, cfg.model.recompute_granularity)
+        from toolkit.registry import tensor_parallel_plan
+
+        runtime.parallelize(model, tensor_parallel_plan(cfg.model.family), cfg.model.recompute_granularity)
     elif cfg.model.recompute_granularity != "none":
         from toolkit.parallel.recompute import apply_recompute
 
