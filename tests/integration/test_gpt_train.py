@@ -202,3 +202,48 @@ def test_error_missing_or_incomplete_checkpoint(tmp_path: Path):
     assert_user_error(run_cli("generate", str(run), "--prompt", "x"), "step_2")
     assert_user_error(run_cli("train", "gpt-tiny", *SMALL, f"trainer.run_dir={run}", "trainer.max_steps=4"),
                       "step_2")
+
+
+def test_wandb_offline_logs_the_run(tmp_path: Path):
+    """With wandb on (offline, the default mode) the run writes a wandb offline run holding the metrics."""
+    run_dir = tmp_path / "run"
+    env_keys = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("WANDB_")}
+    try:
+        train(run_dir, "trainer.max_steps=2", "trainer.eval_interval=0", "logging.wandb.enabled=true",
+              "logging.wandb.mode=offline", "logging.wandb.project=megaforge-test")
+    finally:
+        os.environ.update(env_keys)
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, sorted(p.name for p in (run_dir / "wandb").iterdir())
+    records = list(runs[0].glob("run-*.wandb"))
+    assert records and records[0].stat().st_size > 0
+    logged = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
+              for rec in _wandb_records(records[0].read_bytes()) if rec.WhichOneof("record_type") == "history"]
+    assert [r["_step"] for r in logged] == [1, 2]
+    assert [r["loss"] for r in logged] == pytest.approx([v for _, v in sorted(losses(run_dir).items())])
+
+
+def _wandb_records(data: bytes):
+    """Records of a ``.wandb`` file: a 7-byte header (":W&B", magic, version), then LevelDB-log
+    framing (32 KiB blocks; each chunk: crc32 u32, length u16, type u8 — 1 full, 2 first, 3 middle,
+    4 last) around serialized ``wandb_internal_pb2.Record`` messages."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    assert data[:4] == b":W&B"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            break
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(pending)
+            yield rec
