@@ -152,19 +152,31 @@ class CheckpointManager:
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
              *, process_group=None) -> dict:
         """Load model (and optimizer) state in place from ``path``; returns its trainer state."""
+        from toolkit.checkpoint.reshard import apply_padding_fixes, prepare_padding_fixes, saved_tensor_shapes
+
         trainer_state = read_trainer_state(path)
         state = app_state(model, optimizer)
+        # a layout with another tp pads the vocabulary differently: load those tensors re-padded
+        fixes = prepare_padding_fixes(state, saved_tensor_shapes(path), vocab_size=_vocab_size(model),
+                                      where=str(path))
         try:
             dcp.load(state, checkpoint_id=str(path), process_group=process_group)
         except Exception as e:  # DCP raises CheckpointException with per-rank tracebacks inside
             raise CheckpointError(f"cannot load checkpoint {path}: {_first_line(e)}; was it written by a "
                                   "different model configuration?") from None
+        trainer_state["repadded"] = apply_padding_fixes(fixes)
         if optimizer is None:
             set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
         else:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                            options=StateDictOptions(strict=True))
         return trainer_state
+
+
+def _vocab_size(model) -> int | None:
+    """The unpadded vocabulary of ``model`` (or of its first part when given several)."""
+    first = model[0] if isinstance(model, (list, tuple)) else model
+    return getattr(first, "vocab_size", None)
 
 
 def app_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:

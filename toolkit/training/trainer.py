@@ -108,6 +108,8 @@ class Trainer:
         if self.is_logging_rank:
             saved = state.get("layout", {})
             change = f" (saved under {saved}, now {self.layout})" if saved and saved != self.layout else ""
+            if state.get("repadded"):
+                change += f"; vocabulary padding re-laid in {len(state['repadded'])} tensors"
             print(f"resumed from {latest} at step {self.state.step}{change}", flush=True)
         return True
 
