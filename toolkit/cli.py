@@ -69,7 +69,8 @@ def _cmd_convert(args) -> int:
 
     out = convert(args.src, args.out, to=args.to, verify=args.verify, dtype=args.dtype,
                   max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                  tolerance=args.tolerance)
+                  tolerance=args.tolerance, tensor_parallel=args.tensor_parallel,
+                  pipeline_parallel=args.pipeline_parallel, virtual_pipeline=args.virtual_pipeline)
     print(f"written: {out}")
     return 0
 
@@ -129,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vocab-size", type=int, default=None,
                    help="true vocabulary size of a legacy Megatron checkpoint (padding rows are dropped)")
     s.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| for --verify (default 1e-4)")
+    s.add_argument("--tensor-parallel", type=int, default=1,
+                   help="--to megaforge: lay the checkpoint out for this tensor-parallel size (vocabulary padding, "
+                        "recorded layout); a megaforge source is resharded offline (default 1)")
+    s.add_argument("--pipeline-parallel", type=int, default=1,
+                   help="--to megaforge: the pipeline-parallel size recorded for the result (default 1)")
+    s.add_argument("--virtual-pipeline", type=int, default=None,
+                   help="--to megaforge: virtual pipeline stages per rank recorded for the result")
     s.set_defaults(func=_cmd_convert)
     return p
 

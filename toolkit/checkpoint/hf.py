@@ -354,10 +354,16 @@ def detect_source(src: str | Path) -> str:
 
 def convert(src: str | Path, out: str | Path, *, to: str, verify: bool = False, dtype: str | None = None,
             max_shard_size: int | str = "2GB", tokenizer: str | None = None, vocab_size: int | None = None,
-            tolerance: float = 1e-4, log: Callable[[str], None] | None = print) -> Path:
-    """What ``megaforge convert`` runs: detect what ``src`` is and convert it ``to`` hf or megaforge."""
+            tolerance: float = 1e-4, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+            virtual_pipeline: int | None = None, log: Callable[[str], None] | None = print) -> Path:
+    """What ``megaforge convert`` runs: detect what ``src`` is and convert it ``to`` hf or megaforge
+    (``--to megaforge`` with ``tensor_parallel``/``pipeline_parallel`` lays the result out for that
+    layout; a megaforge source is then resharded offline)."""
     kind = detect_source(src)
     if to == "hf":
+        if tensor_parallel > 1 or pipeline_parallel > 1:
+            raise CheckpointError("--tensor-parallel/--pipeline-parallel apply to --to megaforge; a Hugging Face "
+                                  "export is always one unsharded model")
         if kind != "megaforge":
             hint = ("it already is one" if kind == "hf"
                     else "import it first with --to megaforge, then export that folder")
@@ -367,9 +373,19 @@ def convert(src: str | Path, out: str | Path, *, to: str, verify: bool = False, 
                          log=log)
     if to != "megaforge":
         raise CheckpointError(f"--to {to!r} is not one of hf, megaforge")
-    if kind == "megaforge":
-        # seam for the offline reshard (convert --to megaforge --tensor-parallel N), not built yet
-        raise CheckpointError(f"{src} is already a megaforge checkpoint; use --to hf to export it")
+    if kind == "megaforge" or tensor_parallel > 1 or pipeline_parallel > 1:
+        from toolkit.checkpoint.reshard import reshard_offline
+
+        if kind == "megaforge":
+            return reshard_offline(src, out, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+                                   virtual_pipeline=virtual_pipeline, log=log)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=Path(out).parent if Path(out).parent.is_dir() else None) as tmp:
+            imported = convert(src, Path(tmp) / "imported", to="megaforge", verify=verify, dtype=dtype,
+                               tokenizer=tokenizer, vocab_size=vocab_size, tolerance=tolerance, log=log)
+            return reshard_offline(imported, out, tensor_parallel=tensor_parallel,
+                                   pipeline_parallel=pipeline_parallel, virtual_pipeline=virtual_pipeline, log=log)
     if kind == "hf":
         return import_hf(src, out, verify=verify, dtype=dtype or "fp32", tokenizer=tokenizer, tolerance=tolerance,
                          log=log)
