@@ -127,7 +127,7 @@ class CheckpointConfig:
     save_interval: int = 50  # steps between checkpoints (and one at the end); 0 → only at the end
     keep_last: int = 2  # complete checkpoints kept
     resume: bool = True  # continue from run_dir/checkpoints/latest when present
-    init_from: Optional[str] = None  # start from these weights (a megaforge checkpoint or HF folder)
+    init_from: Optional[str] = None  # seed a new run: megaforge run/checkpoint, HF folder/Hub id, Megatron-LM checkpoint
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pytest
 
 import torch
 
-from tests.parallel.helpers import TINY, losses, train_ok, weights
+from tests.parallel.helpers import TINY, launch, losses, train_ok, weights
 
 VOCAB = 8193
 
@@ -81,11 +81,27 @@ def test_single_process_checkpoint_continues_at_tp2_dp2_fsdp(tmp_path: Path):
 
 
 def test_resume_prints_the_layout_change(tp2_source: Path, tmp_path: Path):
-    from tests.parallel.helpers import launch
-
     dst = tmp_path / "run"
     shutil.copytree(tp2_source, dst)
     out = launch(dst, 1, *COMMON)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "saved under {'tp': 2, 'pp': 1, 'dp': 1}, now {'tp': 1, 'pp': 1, 'dp': 1}" in out.stdout
     assert "vocabulary padding re-laid in" in out.stdout
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_init_from_hugging_face_under_tp2(tmp_path: Path):
+    """``checkpoint.init_from`` loads an HF model into a tensor-parallel run (vocabulary 8193, imported
+    with 8320 rows, re-padded to 8448 for tp=2): with lr 0 the final checkpoint is the HF model."""
+    from tests.conversion.conftest import GPT2_STYLE, make_run
+    from tests.integration.test_init_from import FROZEN, _logit_diff
+    from toolkit.checkpoint.hf import export_hf
+
+    run, _ = make_run(tmp_path / "src", GPT2_STYLE, vocab_size=8193)
+    hf = export_hf(run, tmp_path / "hf", log=None)
+    out = launch(tmp_path / "run", 2, *[o for o in FROZEN if not o.startswith("trainer.num_threads")],
+                 "parallel.tensor_model_parallel_size=2", f"checkpoint.init_from={hf}",
+                 env={"MEGAFORGE_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "vocabulary padding re-laid in" in out.stdout
+    assert _logit_diff(tmp_path / "run", hf) <= 1e-4

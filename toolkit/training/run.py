@@ -107,6 +107,8 @@ def train(cfg: RunConfig) -> TrainResult:
     from toolkit.parallel import dist_env, validate_parallel
 
     env = dist_env()
+    if cfg.checkpoint.init_from:
+        _resolve_init_from(cfg, log=print if env.rank == 0 else None)
     validate_parallel(cfg, env.world_size)  # before any collective: a bad layout is one line, exit 2
     t = cfg.trainer
     if t.num_threads:
@@ -132,6 +134,22 @@ def train(cfg: RunConfig) -> TrainResult:
         raise
     finally:
         destroy()
+
+
+def _resolve_init_from(cfg: RunConfig, log) -> None:
+    """Import ``checkpoint.init_from`` if needed, take its architecture and tokenizer into ``cfg`` and
+    point ``checkpoint.init_from`` at the megaforge checkpoint the trainer loads."""
+    from toolkit.checkpoint.init_from import adopt_source_config, resolve_init_from
+    from toolkit.config import validate
+
+    spec = cfg.checkpoint.init_from
+    source_dir, step = resolve_init_from(spec, log=log)
+    changed = adopt_source_config(cfg, source_dir)
+    validate(cfg)
+    cfg.checkpoint.init_from = str(step)
+    if log:
+        took = f"; its architecture replaces model.{{{', '.join(changed)}}}" if changed else ""
+        log(f"init_from: {spec} → {step} (tokenizer {cfg.tokenizer.path}){took}")
 
 
 def _train(cfg: RunConfig, device: torch.device, runtime) -> TrainResult:

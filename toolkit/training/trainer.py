@@ -97,10 +97,9 @@ class Trainer:
     def resume(self) -> bool:
         """Load the last complete checkpoint of the run directory, if any. True when resumed."""
         self.checkpoints.clean_partial()
-        if not self.ckpt_cfg.resume:
-            return False
-        latest = self.checkpoints.latest()
+        latest = self.checkpoints.latest() if self.ckpt_cfg.resume else None
         if latest is None:
+            self._load_init_from()
             return False
         state = self.checkpoints.load(latest, self.model, self.optimizer)
         self.state = TrainState(step=int(state["step"]), consumed_samples=int(state["consumed_samples"]))
@@ -112,6 +111,17 @@ class Trainer:
                 change += f"; vocabulary padding re-laid in {len(state['repadded'])} tensors"
             print(f"resumed from {latest} at step {self.state.step}{change}", flush=True)
         return True
+
+    def _load_init_from(self) -> None:
+        """A new run with ``checkpoint.init_from``: load those weights (any layout; see run.py, which
+        resolved the source to a megaforge checkpoint folder). Optimizer, step and data start fresh."""
+        if not self.ckpt_cfg.init_from:
+            return
+        source = Path(self.ckpt_cfg.init_from)
+        state = self.checkpoints.load(source, self.model, None)
+        if self.is_logging_rank:
+            padded = f"; vocabulary padding re-laid in {len(state['repadded'])} tensors" if state.get("repadded") else ""
+            print(f"initialized the weights from {source}{padded}", flush=True)
 
     def save(self) -> Path:
         trainer_state = {

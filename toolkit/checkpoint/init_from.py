@@ -1,0 +1,84 @@
+"""``checkpoint.init_from``: start training (pretraining or fine-tuning) from existing weights.
+
+The source is a megaforge run directory or ``step_N`` folder, a Hugging Face folder or Hub id, or a
+legacy Megatron-LM checkpoint. Non-megaforge sources are imported once (``megaforge convert --to
+megaforge``) into the cache (``$MEGAFORGE_CACHE/init_from/<key>``; a file lock makes the ranks of a
+``torchrun`` job share one import). The run then takes from the source:
+
+* the model architecture — every ``model.*`` key except the training choices in :data:`KEEP`
+  (sequence length, dropout, recompute, vocabulary padding multiple), which stay as configured;
+* its tokenizer, when it has one (a model only makes sense with its own vocabulary);
+* its weights, loaded before the first step through the same resharding load as a resume, so any
+  parallel layout works. Optimizer state, step and data position start fresh.
+
+A run directory that already has a checkpoint resumes from it instead (``init_from`` only seeds a
+new run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+from toolkit.config import ModelConfig, RunConfig, load_config
+
+#: ``model.*`` keys that describe how to train, not what the weights are: kept from the run's config
+KEEP = ("seq_length", "hidden_dropout", "attention_dropout", "recompute_granularity",
+        "make_vocab_size_divisible_by")
+
+
+def _source_key(spec: str) -> str:
+    """Cache key of a source: its path or id, plus names, sizes and times of its files when local."""
+    h = hashlib.sha256(spec.encode())
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        h.update(str(path.resolve()).encode())
+        for f in sorted(path.rglob("*")):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def resolve_init_from(spec: str, *, log=print) -> tuple[Path, Path]:
+    """(megaforge folder with config.yaml, its checkpoint folder) for ``checkpoint.init_from``."""
+    from filelock import FileLock
+
+    from toolkit.assets import default_cache_dir
+    from toolkit.checkpoint.hf import convert, detect_source, resolve_checkpoint
+
+    if detect_source(spec) == "megaforge":
+        return resolve_checkpoint(spec)
+    root = default_cache_dir() / "init_from"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / _source_key(spec)
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / "config.yaml").is_file():
+            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            convert(spec, tmp, to="megaforge", log=log)
+            os.replace(tmp, folder)
+        elif log:
+            log(f"init_from: using the import of {spec} cached in {folder}")
+    return resolve_checkpoint(folder)
+
+
+def adopt_source_config(cfg: RunConfig, source_dir: Path) -> list[str]:
+    """Take the source's architecture (all ``model.*`` keys but :data:`KEEP`) and tokenizer into
+    ``cfg`` in place; returns the ``model.*`` keys whose value changed."""
+    src = load_config(str(source_dir / "config.yaml"))
+    changed = []
+    for f in fields(ModelConfig):
+        if f.name in KEEP:
+            continue
+        new = getattr(src.model, f.name)
+        if getattr(cfg.model, f.name) != new:
+            changed.append(f.name)
+            setattr(cfg.model, f.name, new)
+    if (source_dir / "tokenizer").is_dir():
+        cfg.tokenizer.path = str((source_dir / "tokenizer").resolve())
+        cfg.tokenizer.type = src.tokenizer.type
+    return changed
