@@ -46,8 +46,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from toolkit.data.blending import BlendedDataset, component_size, parse_data_prefix
-from toolkit.data.gpt_dataset import SPLIT_NAMES, _atomic_save, split_documents
+from toolkit.data.blending import build_blended_splits
+from toolkit.data.gpt_dataset import _atomic_save
 from toolkit.data.indexed import IndexedDataset
 from toolkit.errors import ConfigError, DataError
 
@@ -366,31 +366,10 @@ def build_bert_datasets(data_prefix: Sequence[Any] | str, *, info: BertTokenInfo
     ``data_prefix`` names several weighted corpora). ``options`` go to :class:`BertDataset`
     (masked_lm_prob, short_seq_prob, whole_word_masking, binary_head, pair_task, max_segment_tokens).
     A split is None when its ``num_samples`` is 0 or it has no documents."""
-    prefixes, weights = parse_data_prefix(data_prefix)
-    if len(num_samples) != 3:
-        raise ConfigError(f"num_samples must be (train, valid, test), got {num_samples!r}")
-    indexed = [IndexedDataset(p) for p in prefixes]
-    splits = [split_documents(len(ds), splits_string) for ds in indexed]
-    out: list[Any | None] = []
-    for s, n in enumerate(num_samples):
-        members = [c for c in range(len(indexed)) if splits[c][s].size]
-        if n <= 0 or not members:
-            out.append(None)
-            continue
-        total = sum(weights[c] for c in members)
-        w = [weights[c] / total for c in members]
-        try:
-            comps = [BertDataset(indexed[c], splits[c][s], int(n) if len(indexed) == 1 else component_size(wc, int(n)),
-                                 seq_length, seed, info, cache_dir=cache_dir, name=SPLIT_NAMES[s], **options)
-                     for c, wc in zip(members, w)]
-        except NoSamplesError as e:
-            if s == 0:
-                raise
-            log.warning("no %s samples (%s); the %s split is skipped", SPLIT_NAMES[s], e, SPLIT_NAMES[s])
-            out.append(None)
-            continue
-        out.append(comps[0] if len(indexed) == 1 else BlendedDataset(comps, w, int(n), seed))
-    return tuple(out)  # type: ignore[return-value]
+    return build_blended_splits(
+        data_prefix, splits_string=splits_string, num_samples=num_samples, seed=seed, skippable=(NoSamplesError,),
+        make=lambda indexed, docs, n, name: BertDataset(indexed, docs, n, seq_length, seed, info, cache_dir=cache_dir,
+                                                        name=name, **options))
 
 
 def bert_datasets_for_run(cfg: Any, tokenizer: Any, prefixes: list, num_samples: tuple[int, int, int],

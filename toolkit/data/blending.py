@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -151,3 +151,53 @@ def component_size(weight: float, size: int) -> int:
     if size <= 0:
         return 0
     return max(math.ceil(weight * size * 1.005), math.ceil(weight * size) + 1)
+
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+def build_blended_splits(data_prefix: Sequence[Any] | str, *, splits_string: str, num_samples: tuple[int, int, int],
+                         seed: int, make: Callable[[Any, np.ndarray, int, str], Any],
+                         skippable: tuple[type[Exception], ...] = ()) -> tuple[Any | None, Any | None, Any | None]:
+    """(train, valid, test) datasets over one or several weighted corpora (``data.data_prefix``).
+
+    ``make(indexed, documents, num_samples, split_name)`` builds one component. One prefix gives
+    its component directly; several give a :class:`BlendedDataset` per split over the components
+    that have documents in that split (weights renormalized among them), each built with a small
+    margin (:func:`component_size`). A split is None when its ``num_samples`` is 0 or no component
+    has documents in it; a valid/test split whose build raises one of ``skippable`` is skipped with
+    a warning (the train split re-raises).
+    """
+    import logging
+
+    from toolkit.data.gpt_dataset import split_documents
+    from toolkit.data.indexed import IndexedDataset
+
+    prefixes, weights = parse_data_prefix(data_prefix)
+    if len(num_samples) != 3:
+        raise ConfigError(f"num_samples must be (train, valid, test), got {num_samples!r}")
+    indexed = [IndexedDataset(p) for p in prefixes]
+    splits = [split_documents(len(ds), splits_string) for ds in indexed]
+    out: list[Any | None] = []
+    for s, n in enumerate(num_samples):
+        members = [c for c in range(len(indexed)) if splits[c][s].size]
+        if n <= 0 or not members:
+            out.append(None)
+            continue
+        total = sum(weights[c] for c in members)
+        w = [weights[c] / total for c in members]
+        try:
+            if len(indexed) == 1:
+                out.append(make(indexed[0], splits[0][s], int(n), SPLIT_NAMES[s]))
+                continue
+            comps = [make(indexed[c], splits[c][s], component_size(wc, int(n)), SPLIT_NAMES[s])
+                     for c, wc in zip(members, w)]
+        except skippable as e:
+            if s == 0:
+                raise
+            logging.getLogger(__name__).warning("no %s samples (%s); the %s split is skipped", SPLIT_NAMES[s], e,
+                                                SPLIT_NAMES[s])
+            out.append(None)
+            continue
+        out.append(BlendedDataset(comps, w, int(n), seed))
+    return tuple(out)  # type: ignore[return-value]

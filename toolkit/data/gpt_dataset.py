@@ -25,14 +25,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from toolkit.data.blending import BlendedDataset, component_size, parse_data_prefix
+from toolkit.data.blending import SPLIT_NAMES, build_blended_splits
 from toolkit.data.indexed import IndexedDataset
 from toolkit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1  # bump when the index construction changes: invalidates every cache
-SPLIT_NAMES = ("train", "valid", "test")
 
 
 def split_documents(num_docs: int, splits_string: str = "969,30,1") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -189,41 +188,15 @@ class GPTDataset:
                 f"{self.documents.size} documents of {self.indexed.prefix})")
 
 
-def _build_split(indexed: IndexedDataset, docs: np.ndarray, n: int, seq_length: int, seed: int,
-                 cache_dir: str | Path | None, name: str) -> GPTDataset | None:
-    if n <= 0 or docs.size == 0:
-        return None
-    return GPTDataset(indexed, docs, n, seq_length, seed, cache_dir=cache_dir, name=name)
-
-
 def build_gpt_datasets(data_prefix: Sequence[Any] | str, *, splits_string: str, seq_length: int, seed: int,
                        num_samples: tuple[int, int, int], cache_dir: str | Path | None = None
                        ) -> tuple[Any | None, Any | None, Any | None]:
-    """(train, valid, test) datasets from ``data.data_prefix``.
-
-    One prefix gives plain :class:`GPTDataset` splits; several give a :class:`BlendedDataset` per
-    split over the components that have documents in that split (weights renormalized among them),
-    each component built with a small margin. A split is None when ``num_samples`` for it is 0 or no
-    component has documents in it.
+    """(train, valid, test) :class:`GPTDataset` splits from ``data.data_prefix`` (a
+    :class:`BlendedDataset` per split over several weighted corpora; see
+    :func:`~toolkit.data.blending.build_blended_splits`). A split is None when ``num_samples`` for
+    it is 0 or no corpus has documents in it.
     """
-    prefixes, weights = parse_data_prefix(data_prefix)
-    if len(num_samples) != 3:
-        raise ConfigError(f"num_samples must be (train, valid, test), got {num_samples!r}")
-    indexed = [IndexedDataset(p) for p in prefixes]
-    splits = [split_documents(len(ds), splits_string) for ds in indexed]
-    if len(indexed) == 1:
-        return tuple(  # type: ignore[return-value]
-            _build_split(indexed[0], splits[0][s], int(num_samples[s]), seq_length, seed, cache_dir, SPLIT_NAMES[s])
-            for s in range(3))
-    out: list[Any | None] = []
-    for s, n in enumerate(num_samples):
-        members = [c for c in range(len(indexed)) if splits[c][s].size]
-        if n <= 0 or not members:
-            out.append(None)
-            continue
-        total = sum(weights[c] for c in members)
-        w = [weights[c] / total for c in members]
-        comps = [GPTDataset(indexed[c], splits[c][s], component_size(wc, int(n)), seq_length, seed,
-                            cache_dir=cache_dir, name=SPLIT_NAMES[s]) for c, wc in zip(members, w)]
-        out.append(BlendedDataset(comps, w, int(n), seed))
-    return tuple(out)  # type: ignore[return-value]
+    return build_blended_splits(
+        data_prefix, splits_string=splits_string, num_samples=num_samples, seed=seed,
+        make=lambda indexed, docs, n, name: GPTDataset(indexed, docs, n, seq_length, seed, cache_dir=cache_dir,
+                                                       name=name))
