@@ -22,3 +22,30 @@ def run_cli(*args: str, cwd=None, timeout: int = 600, env=None) -> subprocess.Co
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "toolkit", *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """step → train loss, from a run's metrics.jsonl."""
+    import json
+
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs}
+
+
+def final_weights(run_dir: Path) -> dict:
+    """The run's latest checkpoint loaded into a single-process model: name → tensor."""
+    from toolkit.generation import load_run
+
+    model, _, _ = load_run(run_dir)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bitwise_same_run(run: Path, ref: Path) -> None:
+    """Identical losses at every step (exact float equality) and identical final weights."""
+    import torch
+
+    assert step_losses(run) == step_losses(ref)
+    a, b = final_weights(run), final_weights(ref)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -9,27 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, assert_bitwise_same_run, run_cli, step_losses
 
 # A very small gpt-tiny so each run takes seconds on 2 cores.
 SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.seq_length=64",
          "trainer.micro_batch_size=4", "trainer.global_batch_size=8", "trainer.eval_interval=10",
          "trainer.eval_iters=2", "logging.wandb.enabled=false", "trainer.sample_prompt=null",
          "model.hidden_dropout=0.1", "model.attention_dropout=0.1", "trainer.num_threads=1"]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs}
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from toolkit.generation import load_run
-
-    model, _, _ = load_run(run_dir)
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -72,11 +59,7 @@ def test_resume_is_bitwise(straight: Path, tmp_path: Path):
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_10"
     out = train(run, "trainer.max_steps=20", "checkpoint.save_interval=5")
     assert "resumed from" in out.stdout
-    assert losses(run) == losses(straight)  # exact float equality, every step
-    a, b = weights(run), weights(straight)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_bitwise_same_run(run, straight)
 
 
 def test_killed_run_resumes_to_identical_result(straight: Path, tmp_path: Path):
@@ -93,9 +76,7 @@ def test_killed_run_resumes_to_identical_result(straight: Path, tmp_path: Path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     train(run, "trainer.max_steps=20", "checkpoint.save_interval=5")
-    assert losses(run) == losses(straight)
-    a, b = weights(run), weights(straight)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_bitwise_same_run(run, straight)
 
 
 def test_interrupted_save_is_ignored(tmp_path: Path):
@@ -123,7 +104,7 @@ def test_llama_style_trains(tmp_path: Path):
     out = run_cli("train", "llama-tiny", *SMALL, "model.num_query_groups=2", "model.ffn_hidden_size=96",
                   f"trainer.run_dir={run}", "trainer.max_steps=12", "optim.lr=3e-3", "optim.lr_warmup_steps=2")
     assert out.returncode == 0, out.stderr[-3000:]
-    ls = losses(run)
+    ls = step_losses(run)
     assert ls[12] < ls[1] - 0.5
 
 
@@ -143,7 +124,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path):
     base = ("trainer.max_steps=3", "model.hidden_dropout=0", "model.attention_dropout=0", "trainer.eval_interval=0")
     train(a, *base, "trainer.micro_batch_size=4")
     train(b, *base, "trainer.micro_batch_size=8")
-    la, lb = losses(a), losses(b)
+    la, lb = step_losses(a), step_losses(b)
     for step in la:
         assert la[step] == pytest.approx(lb[step], rel=1e-5)
 
@@ -220,7 +201,7 @@ def test_wandb_offline_logs_the_run(tmp_path: Path):
     logged = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
               for rec in _wandb_records(records[0].read_bytes()) if rec.WhichOneof("record_type") == "history"]
     assert [r["_step"] for r in logged] == [1, 2]
-    assert [r["loss"] for r in logged] == pytest.approx([v for _, v in sorted(losses(run_dir).items())])
+    assert [r["loss"] for r in logged] == pytest.approx([v for _, v in sorted(step_losses(run_dir).items())])
 
 
 def _wandb_records(data: bytes):

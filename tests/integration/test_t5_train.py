@@ -5,9 +5,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.conftest import run_cli
+from tests.conftest import assert_bitwise_same_run, run_cli
 
 # A very small t5-tiny so each run takes seconds on 2 cores (dropout on: the RNG path is exercised).
 SMALL = ["model.num_layers=2", "model.num_decoder_layers=2", "model.hidden_size=64", "model.kv_channels=16",
@@ -18,22 +17,10 @@ SMALL = ["model.num_layers=2", "model.num_decoder_layers=2", "model.hidden_size=
          "optim.lr_warmup_steps=5"]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs}
-
-
 def train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     out = run_cli("train", "t5-tiny", *SMALL, f"trainer.run_dir={run_dir}", *extra)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from toolkit.generation import load_run
-
-    model, _, _ = load_run(run_dir)
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +49,7 @@ def test_resume_is_bitwise(straight: Path, tmp_path: Path):
     assert "stopping at step 10" in first.stdout
     out = train(run, "trainer.max_steps=20", "checkpoint.save_interval=5", "logging.plot=false")
     assert "resumed from" in out.stdout
-    assert losses(run) == losses(straight)  # exact float equality, every step
-    a, b = weights(run), weights(straight)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_bitwise_same_run(run, straight)
 
 
 def test_generate_fills_spans(straight: Path):

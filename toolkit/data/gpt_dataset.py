@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from toolkit.data.blending import SPLIT_NAMES, build_blended_splits
+from toolkit.data.blending import build_blended_splits
 from toolkit.data.indexed import IndexedDataset
 from toolkit.errors import ConfigError, DataError
 
