@@ -1,5 +1,6 @@
-"""Legacy Megatron-LM GPT import: checkpoints synthesized in the exact on-disk layout from a known
-single-device model (TP/PP shards, fused QKV per checkpoint_version, legacy and megatron-core names)."""
+"""Legacy Megatron-LM GPT and BERT import: checkpoints synthesized in the exact on-disk layout from a known
+single-device model (TP/PP shards, fused QKV per checkpoint_version, legacy and megatron-core names);
+BERT imports are checked against transformers' MegatronBertForPreTraining loaded from their export."""
 
 from __future__ import annotations
 
@@ -14,8 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conversion.conftest import LLAMA_STYLE, max_logit_diff, perturb
-from toolkit.checkpoint.hf import load_megaforge_model
+from tests.conversion.conftest import (
+    LLAMA_STYLE,
+    MEGATRON_BERT_STYLE,
+    max_logit_diff,
+    mlm_logit_diff,
+    perturb,
+    transformers,
+)
+from toolkit.checkpoint.hf import export_hf, load_megaforge_model
 from toolkit.checkpoint.megatron_legacy import import_megatron
 from toolkit.cli import main
 from toolkit.config import ModelConfig, RunConfig
@@ -38,7 +46,7 @@ def build_model(**kw) -> tuple[torch.nn.Module, ModelConfig]:
 def padded_rows(t: torch.Tensor, tp: int) -> torch.Tensor:
     """True vocabulary rows + random padding up to a multiple of 128 × tp (the importer must drop it)."""
     rows = -(-VOCAB // (128 * tp)) * 128 * tp
-    return torch.cat([t[:VOCAB], torch.randn(rows - VOCAB, t.shape[1])])
+    return torch.cat([t[:VOCAB], torch.randn(rows - VOCAB, *t.shape[1:])])
 
 
 def qkv_shards(sd: dict, i: int, cfg: ModelConfig, tp: int, version: float, part: str) -> list[torch.Tensor]:
@@ -139,6 +147,48 @@ def write_megatron(root: Path, model, cfg: ModelConfig, args, *, tp: int, pp: in
     return root
 
 
+def write_megatron_bert(root: Path, model, cfg: ModelConfig, args, *, tp: int, pp: int, version: float = 3.0,
+                        iteration: int = 200, lm_head: bool = True) -> Path:
+    """megatron/model/bert_model.py's checkpoint: ``language_model`` {embedding, encoder, pooler} and the
+    top-level ``lm_head`` {dense, layernorm, bias (vocabulary-parallel)} and ``binary_head``, split by
+    tensor (mp_rank_XX) and pipeline (…_YYY) rank; the last stage keeps a copy of the word embeddings."""
+    sd = model.state_dict()
+    per_stage = cfg.num_layers // pp
+    folder = root / f"iter_{iteration:07d}"
+    pair = lambda prefix: {"weight": sd[f"{prefix}.weight"], "bias": sd[f"{prefix}.bias"]}  # noqa: E731
+    for r in range(tp):
+        for p in range(pp):
+            encoder = {f"layers.{local}.{name}": shards[r]
+                       for local in range(per_stage)
+                       for name, shards in global_layer_shards(sd, cfg, p * per_stage + local, tp, version).items()}
+            lm: dict = {}
+            state: dict = {"language_model": lm}
+            words = padded_rows(sd["embed.tokens.weight"], tp).chunk(tp)[r]
+            if p == 0:
+                lm["embedding"] = {"word_embeddings": {"weight": words},
+                                   "position_embeddings": {"weight": sd["embed.positions.weight"]}}
+                if cfg.num_tokentypes:
+                    lm["embedding"]["tokentype_embeddings"] = {"weight": sd["embed.tokentypes.weight"]}
+            if p == pp - 1:
+                encoder.update({f"final_layernorm.{k}": v for k, v in pair("final_norm").items()})
+                if lm_head:
+                    state["lm_head"] = {"bias": padded_rows(sd["lm_head.bias"], tp).chunk(tp)[r],
+                                        **{f"dense.{k}": v for k, v in pair("lm_head.dense").items()},
+                                        **{f"layernorm.{k}": v for k, v in pair("lm_head.norm").items()}}
+                if cfg.bert_binary_head:
+                    lm["pooler"] = {f"dense.{k}": v for k, v in pair("pooler.dense").items()}
+                    state["binary_head"] = pair("binary_head")
+                if p > 0:
+                    state["word_embeddings_for_head"] = {"weight": words}
+            lm["encoder"] = encoder
+            name = f"mp_rank_{r:02d}" + (f"_{p:03d}" if pp > 1 else "")
+            (folder / name).mkdir(parents=True)
+            torch.save({"args": args, "checkpoint_version": version, "iteration": iteration, "model": state,
+                        "optimizer": {"step": 1}}, folder / name / "model_optim_rng.pt")
+    (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return root
+
+
 def gpt_args(cfg: ModelConfig, tp: int, pp: int, **kw) -> argparse.Namespace:
     base = dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size or
                 4 * cfg.hidden_size, num_attention_heads=cfg.num_attention_heads, seq_length=32,
@@ -227,3 +277,32 @@ def test_cli_auto_detects_legacy_checkpoint(tmp_path, capsys):
     assert "finite logits" in capsys.readouterr().out
     ours, _, _ = load_megaforge_model(tmp_path / "mf")
     assert max_logit_diff(ours, model, VOCAB) <= 1e-5
+
+
+@pytest.mark.parametrize("tp,pp,version,binary", [(2, 2, 3.0, True), (2, 1, 0.0, False)])
+def test_legacy_bert_matches_exported_megatron_bert(tmp_path, tp, pp, version, binary):
+    # GatorTron's format: pre-LN Megatron-BERT; with the sentence-pair head (and Megatron's default fused
+    # bias-GELU, the tanh approximation) or without it and without token types (bert_no_binary_head)
+    model, cfg = build_model(**dict(MEGATRON_BERT_STYLE, activation="gelu_tanh" if binary else "gelu",
+                                    bert_binary_head=binary, num_tokentypes=2 if binary else 0))
+    args = gpt_args(cfg, tp, pp, bias_gelu_fusion=binary, add_bias_linear=True, vocab_size=VOCAB,
+                    bert_binary_head=binary)
+    src = write_megatron_bert(tmp_path / "megatron", model, cfg, args, tp=tp, pp=pp, version=version)
+    assert main(["convert", str(src), str(tmp_path / "mf"), "--to", "megaforge", "--verify"]) == 0
+    ours, imported_cfg, _ = load_megaforge_model(tmp_path / "mf")
+    m = imported_cfg.model
+    assert (m.family, m.layernorm_position, m.bert_binary_head, m.num_tokentypes, m.activation) == \
+        ("bert", "pre", binary, cfg.num_tokentypes, cfg.activation)
+    assert mlm_logit_diff(ours, model, VOCAB) <= 1e-5
+    out = export_hf(tmp_path / "mf", tmp_path / "hf", log=None)
+    cls = "MegatronBertForPreTraining" if binary else "MegatronBertForMaskedLM"
+    hf_model = getattr(transformers, cls).from_pretrained(out, dtype=torch.float32).eval()
+    assert mlm_logit_diff(model, hf_model, VOCAB) <= 1e-4
+
+
+def test_legacy_bert_without_lm_head_is_refused(tmp_path):
+    model, cfg = build_model(**MEGATRON_BERT_STYLE)
+    # a fine-tuned classifier keeps the encoder (and its own head) but no masked-LM head
+    src = write_megatron_bert(tmp_path / "megatron", model, cfg, gpt_args(cfg, 1, 1), tp=1, pp=1, lm_head=False)
+    with pytest.raises(CheckpointError, match="no lm_head"):
+        import_megatron(src, tmp_path / "mf", log=None)

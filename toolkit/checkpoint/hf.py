@@ -1,9 +1,9 @@
 """Export megaforge checkpoints to Hugging Face folders and import them back, streaming.
 
 * :func:`export_hf` — a run directory (its ``checkpoints/latest``) or a ``step_N`` folder →
-  ``config.json``, ``model.safetensors`` (or shards + index), ``generation_config.json`` and the
-  tokenizer files, loadable offline by ``AutoConfig``, ``AutoTokenizer``, ``AutoModelForCausalLM``
-  and ``pipeline("text-generation", ...)``. Vocabulary padding is cut off.
+  ``config.json``, ``model.safetensors`` (or shards + index), ``generation_config.json`` (generative
+  models) and the tokenizer files, loadable offline by ``AutoConfig``, ``AutoTokenizer``,
+  ``AutoModelFor{CausalLM,MaskedLM,Seq2SeqLM}`` and ``pipeline(...)``. Vocabulary padding is cut off.
 * :func:`import_hf` — a local HF folder or a Hub id → a megaforge folder shaped like a run
   directory (``config.yaml``, ``tokenizer/``, ``checkpoints/step_0`` + ``latest``) that
   ``megaforge generate`` and ``checkpoint.init_from`` accept.
@@ -26,19 +26,22 @@ import torch
 from toolkit.checkpoint.hf_mapping import FamilyAdapter, HFTarget, MappingContext, Step, check_shapes
 from toolkit.checkpoint.native import LATEST, CheckpointManager, is_complete
 from toolkit.checkpoint.streaming import (
+    AliasedSource,
     DCPSource,
     SafetensorsSource,
     TensorSource,
     write_dcp_checkpoint,
     write_safetensors,
 )
-from toolkit.config import ModelConfig, RunConfig, load_config, save_config, validate
+from toolkit.config import ModelConfig, ParallelConfig, RunConfig, load_config, save_config, validate
 from toolkit.errors import CheckpointError, MegaforgeError
 from toolkit.models.common.embeddings import padded_vocab_size
 
 #: model family → module holding its ``ADAPTER`` (a :class:`FamilyAdapter`)
 HF_ADAPTERS: dict[str, str] = {
     "gpt": "toolkit.models.gpt.hf",
+    "bert": "toolkit.models.bert.hf",
+    "t5": "toolkit.models.t5.hf",
 }
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -58,14 +61,15 @@ def family_adapter(family: str) -> FamilyAdapter:
 
 
 def adapter_for_model_type(model_type: str) -> tuple[FamilyAdapter, HFTarget]:
-    """The family adapter and target converting HF ``model_type`` (e.g. ``gpt2``, ``llama``)."""
+    """The family adapter and the (first) target reading HF ``model_type`` (e.g. ``gpt2``, ``bert``);
+    targets sharing a model_type share its table and config mapping."""
     known = []
     for family in HF_ADAPTERS:
         adapter = family_adapter(family)
         target = adapter.target(model_type)
         if target is not None:
             return adapter, target
-        known += [t.model_type for t in adapter.targets]
+        known += [t.model_type for t in adapter.targets if t.model_type not in known]
     raise CheckpointError(f"Hugging Face model_type {model_type!r} is not supported (supported: {', '.join(known)})")
 
 
@@ -192,8 +196,7 @@ def export_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
     source = DCPSource(step_dir)
     tp = cfg.parallel.tensor_model_parallel_size  # the vocabulary was padded for the layout it trained with
     ours = expected_shapes(mcfg, tp)
-    ctx = dataclasses.replace(adapter.context(mcfg), padded_vocab_size=padded_vocab_size(
-        mcfg.vocab_size, mcfg.make_vocab_size_divisible_by, tp))
+    ctx = _padded_context(adapter, mcfg, tp)
     steps = target.table.plan("to_hf", source.names(), ctx, where=str(step_dir))
     torch_dtype = parse_dtype(dtype)
     items = plan_metas(steps, source, ctx, dtype=torch_dtype, expected_src=ours, expected_dst=None,
@@ -214,6 +217,9 @@ def export_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
         if log:
             log(report.summary())
         report.raise_if_failed()
+    from toolkit.checkpoint.provenance import write_provenance
+
+    write_provenance(out, run_dir, step_dir, cfg)  # megaforge.json: recipe, layout, last metrics (model card)
     return out
 
 
@@ -221,15 +227,19 @@ def _write_hf_configs(out: Path, target: HFTarget, mcfg: ModelConfig, tokenizer,
     from toolkit.tokenization.export import export_tokenizer, special_token_ids
 
     config = target.config_to_hf(mcfg)
-    ids = special_token_ids(tokenizer) if tokenizer is not None else {}
-    config.update({"bos_token_id": ids.get("bos_token_id"), "eos_token_id": ids.get("eos_token_id"),
-                   "pad_token_id": ids.get("pad_token_id"), "dtype": _HF_DTYPE_NAMES[dtype],
+    token_ids = target.token_config(special_token_ids(tokenizer) if tokenizer is not None else {})
+    config.update({**token_ids, "dtype": _HF_DTYPE_NAMES[dtype],
                    "torch_dtype": _HF_DTYPE_NAMES[dtype]})  # transformers 5 reads dtype, 4.x torch_dtype
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
+    generation = out / "generation_config.json"
+    if target.generation:
+        set_ids = {k: v for k, v in token_ids.items() if v is not None}
+        generation.write_text(json.dumps(set_ids, indent=2) + "\n")
+    elif generation.exists():
+        generation.unlink()  # left by an earlier export into the same folder
     if tokenizer is not None:
         max_len = mcfg.max_position_embeddings or mcfg.seq_length
-        export_tokenizer(tokenizer, out, model_max_length=max_len)
+        export_tokenizer(tokenizer, out, model_max_length=max_len, tokenizer_class=target.tokenizer_class)
 
 
 # ---------------------------------------------------------------------------- import
@@ -261,11 +271,13 @@ def read_hf_config(folder: Path) -> dict:
 
 def import_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: str | torch.dtype | None = "fp32",
               tokenizer: str | Path | None = None, revision: str | None = None, tolerance: float = 1e-4,
-              log: Callable[[str], None] | None = print) -> Path:
+              tensor_parallel_size: int = 1, log: Callable[[str], None] | None = print) -> Path:
     """Convert a Hugging Face model (folder or Hub id) into the megaforge folder ``out``.
 
     ``dtype`` is what the checkpoint stores (default fp32, what training starts from; None keeps
     the source dtype). ``tokenizer`` overrides the tokenizer found in the source folder.
+    ``tensor_parallel_size`` pads the vocabulary for that layout (and records it in ``config.yaml``);
+    any layout loads the checkpoint either way, re-padding on load.
     """
     folder = resolve_hf_source(src, revision=revision)
     hf_config = read_hf_config(folder)
@@ -273,17 +285,21 @@ def import_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
     if not model_type:
         raise CheckpointError(f"{folder / 'config.json'} has no model_type")
     adapter, target = adapter_for_model_type(model_type)
-    mcfg = target.config_from_hf(hf_config)
+    source: TensorSource = SafetensorsSource(folder)
+    mcfg = target.import_config(hf_config, source.names())
+    if target.tied_aliases:
+        source = AliasedSource(source, target.tied_aliases)
+    architecture = _architecture(adapter, mcfg, target)
     tok = _import_tokenizer(folder, tokenizer)
-    source = SafetensorsSource(folder)
-    ctx = adapter.context(mcfg)
+    ctx = _padded_context(adapter, mcfg, tensor_parallel_size)
     steps = target.table.plan("from_hf", source.names(), ctx, where=str(folder))
-    state = {"step": 0, "consumed_samples": 0, "imported_from": str(src), "architecture": target.architecture}
+    state = {"step": 0, "consumed_samples": 0, "imported_from": str(src), "architecture": architecture}
     out = write_megaforge_folder(out, mcfg, steps, source, ctx, tokenizer=tok, dtype=dtype, trainer_state=state,
                                  where=str(folder), name=Path(str(src)).name,
-                                 description=f"imported from {src} ({target.architecture})")
+                                 description=f"imported from {src} ({architecture})",
+                                 tensor_parallel_size=tensor_parallel_size)
     if log:
-        log(f"imported {src} ({target.architecture}) → {out}")
+        log(f"imported {src} ({architecture}) → {out}")
         if tok is None:
             log("note: no tokenizer files found; pass tokenizer=... (--tokenizer) to add one")
     if verify:
@@ -296,12 +312,32 @@ def import_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
     return out
 
 
+def _padded_context(adapter: FamilyAdapter, mcfg: ModelConfig, tensor_parallel_size: int) -> MappingContext:
+    """The adapter's context with the vocabulary padded for ``tensor_parallel_size`` (as the model is)."""
+    padded = padded_vocab_size(mcfg.vocab_size, mcfg.make_vocab_size_divisible_by, tensor_parallel_size)
+    return dataclasses.replace(adapter.context(mcfg), padded_vocab_size=padded)
+
+
+def _architecture(adapter: FamilyAdapter, mcfg: ModelConfig, fallback: HFTarget) -> str:
+    """The transformers class our imported model exports back to (e.g. BertForMaskedLM for a model
+    imported without NSP head), else the class the model_type first names."""
+    try:
+        return adapter.select(mcfg).architecture
+    except CheckpointError:
+        return fallback.architecture
+
+
 def write_megaforge_folder(out: str | Path, mcfg: ModelConfig, steps: list[Step], source: TensorSource,
                            ctx: MappingContext, *, tokenizer, dtype: str | torch.dtype | None, trainer_state: dict,
-                           where: str, name: str = "imported", description: str = "") -> Path:
+                           where: str, name: str = "imported", description: str = "",
+                           tensor_parallel_size: int = 1) -> Path:
     """Write ``out/config.yaml``, ``out/tokenizer/`` and ``out/checkpoints/step_0`` (+ ``latest``),
-    producing our tensors from ``source`` through ``steps`` one at a time."""
-    cfg = RunConfig(name=name or "imported", description=description, model=mcfg)
+    producing our tensors from ``source`` through ``steps`` one at a time. ``ctx.padded_vocab_size``
+    must be the padding for ``tensor_parallel_size``."""
+    if tensor_parallel_size < 1:
+        raise CheckpointError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
+    cfg = RunConfig(name=name or "imported", description=description, model=mcfg,
+                    parallel=ParallelConfig(tensor_model_parallel_size=tensor_parallel_size))
     out = Path(out)
     if tokenizer is not None and tokenizer.vocab_size > mcfg.vocab_size:
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
@@ -311,7 +347,7 @@ def write_megaforge_folder(out: str | Path, mcfg: ModelConfig, steps: list[Step]
     except MegaforgeError as e:
         raise CheckpointError(f"{where}: its config is not a valid megaforge model: {e}") from None
     items = plan_metas(steps, source, ctx, dtype=parse_dtype(dtype), expected_src=None,
-                       expected_dst=expected_shapes(mcfg), where=where)
+                       expected_dst=expected_shapes(mcfg, tensor_parallel_size), where=where)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         tokenizer.save(out / "tokenizer")

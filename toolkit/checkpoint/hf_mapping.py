@@ -14,6 +14,10 @@ names + transform) checked against the source's tensor names: a missing tensor o
 accounts for is a one-line :class:`~toolkit.errors.CheckpointError` naming it. Steps run on real
 tensors or on ``meta`` tensors (to learn the output shapes before any data is read), which is what
 lets the converters stream one step at a time.
+
+Models with two stacks (T5's encoder and decoder) mark the second stack's rules with
+``layers="<flag>"``: ``{}`` then spans that context flag's count instead of ``num_layers``. Legacy
+Megatron-LM transformer layers are the same for every family: :func:`megatron_layer_rules`.
 """
 
 from __future__ import annotations
@@ -169,6 +173,39 @@ register_transform("megatron.swiglu", _swiglu_fuse, _swiglu_split)
 register_transform("megatron.vocab_rows", lambda ts, ctx: [ts[0][: ctx.vocab_size]], _vocab_from_megatron)
 
 
+def _flag(name: str, value: bool = True) -> Condition:
+    return lambda ctx: bool(ctx.flag(name)) == value
+
+
+def megatron_layer_rules(prefix: str = "layers.{}.") -> list[Rule]:
+    """The per-layer rules of a legacy Megatron-LM ``ParallelTransformerLayer`` (canonical names, after
+    the shards are merged) ↔ our ``TransformerLayer``; conditions read the context flags ``bias``,
+    ``norm_bias`` (LayerNorm) and ``gated`` (SwiGLU)."""
+    bias, norm_bias, gated = _flag("bias"), _flag("norm_bias"), _flag("gated")
+    plain_bias = lambda c: bool(c.flag("bias")) and not c.flag("gated")  # noqa: E731
+    gated_bias = lambda c: bool(c.flag("bias")) and bool(c.flag("gated"))  # noqa: E731
+    m, o = prefix, "layers.{}."
+    qkv = [o + "attn.q", o + "attn.k", o + "attn.v"]
+    return [
+        rule(m + "input_layernorm.weight", o + "attn_norm.weight"),
+        rule(m + "input_layernorm.bias", o + "attn_norm.bias", when=norm_bias),
+        rule(m + "self_attention.query_key_value.weight", [n + ".weight" for n in qkv], "megatron.qkv"),
+        rule(m + "self_attention.query_key_value.bias", [n + ".bias" for n in qkv], "megatron.qkv", when=bias),
+        rule(m + "self_attention.dense.weight", o + "attn.out.weight"),
+        rule(m + "self_attention.dense.bias", o + "attn.out.bias", when=bias),
+        rule(m + "post_attention_layernorm.weight", o + "mlp_norm.weight"),
+        rule(m + "post_attention_layernorm.bias", o + "mlp_norm.bias", when=norm_bias),
+        rule(m + "mlp.dense_h_to_4h.weight", o + "mlp.fc1.weight", when=_flag("gated", False)),
+        rule(m + "mlp.dense_h_to_4h.bias", o + "mlp.fc1.bias", when=plain_bias),
+        rule(m + "mlp.dense_h_to_4h.weight", [o + "mlp.gate.weight", o + "mlp.fc1.weight"], "megatron.swiglu",
+             when=gated),
+        rule(m + "mlp.dense_h_to_4h.bias", [o + "mlp.gate.bias", o + "mlp.fc1.bias"], "megatron.swiglu",
+             when=gated_bias),
+        rule(m + "mlp.dense_4h_to_h.weight", o + "mlp.fc2.weight"),
+        rule(m + "mlp.dense_4h_to_h.bias", o + "mlp.fc2.bias", when=bias),
+    ]
+
+
 # ---------------------------------------------------------------------------- rules and tables
 
 
@@ -180,6 +217,7 @@ class Rule:
     ours: tuple[str, ...]
     transform: str = "identity"
     when: Condition | None = None  # rule applies only if this holds
+    layers: str | None = None  # context flag holding how many layers ``{}`` spans; None → ctx.num_layers
 
     @property
     def per_layer(self) -> bool:
@@ -191,10 +229,11 @@ class Rule:
 
 
 def rule(hf: str | Sequence[str], ours: str | Sequence[str], transform: str = "identity",
-         when: Condition | None = None) -> Rule:
-    """A :class:`Rule` from one name or a list of names per side."""
+         when: Condition | None = None, layers: str | None = None) -> Rule:
+    """A :class:`Rule` from one name or a list of names per side. ``layers`` names the context flag
+    with the layer count of a second stack (T5's decoder); by default ``{}`` spans ``ctx.num_layers``."""
     as_tuple = (lambda x: (x,) if isinstance(x, str) else tuple(x))
-    return Rule(as_tuple(hf), as_tuple(ours), transform, when)
+    return Rule(as_tuple(hf), as_tuple(ours), transform, when, layers)
 
 
 @dataclass(frozen=True)
@@ -240,16 +279,20 @@ class TemplateTable:
         return [r for r in self.rules if r.when is None or r.when(ctx)]
 
     def expand(self, ctx: MappingContext) -> list[tuple[Rule, int | None]]:
-        """Every (rule, layer) pair of this model in table order; the per-layer rules are expanded,
-        layer by layer, where the first of them stands."""
+        """Every (rule, layer) pair of this model in table order; the per-layer rules of one stack
+        (same ``layers`` flag) are expanded, layer by layer, where the first of them stands."""
         rules = self.active(ctx)
-        layered = [r for r in rules if r.per_layer]
+        stacks: dict[str | None, list[Rule]] = {}
+        for r in rules:
+            if r.per_layer:
+                stacks.setdefault(r.layers, []).append(r)
         out: list[tuple[Rule, int | None]] = []
         for r in rules:
             if not r.per_layer:
                 out.append((r, None))
-            elif r is layered[0]:
-                out += [(lr, i) for i in range(ctx.num_layers) for lr in layered]
+            elif r is stacks[r.layers][0]:
+                count = ctx.num_layers if r.layers is None else int(ctx.flag(r.layers))
+                out += [(lr, i) for i in range(count) for lr in stacks[r.layers]]
         return out
 
     def name_map(self, direction: Direction, ctx: MappingContext) -> dict[str, tuple[str, ...]]:
@@ -302,6 +345,11 @@ def check_shapes(step: Step, outputs: Tensors, expected: Mapping[str, torch.Size
 # ---------------------------------------------------------------------------- family adapters
 
 
+def default_token_config(ids: Mapping[str, int]) -> dict:
+    """Tokenizer special ids → config.json token-id keys (decoder-only models: bos, eos, pad)."""
+    return {k: ids.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+
 @dataclass(frozen=True)
 class HFTarget:
     """One Hugging Face architecture a family converts to and from."""
@@ -311,7 +359,23 @@ class HFTarget:
     table: TemplateTable
     config_to_hf: Callable[[Any], dict]  # ModelConfig → config.json body (token ids and dtype are added later)
     config_from_hf: Callable[[dict], Any]  # config.json → ModelConfig; CheckpointError when unsupported
-    task: str = "causal_lm"  # which probe verify.py runs: causal_lm (more are added with their families)
+    task: str = "causal_lm"  # which probe verify.py runs: causal_lm | masked_lm | seq2seq_lm
+    #: config.json + the checkpoint's tensor names → ModelConfig, for targets whose weights decide part
+    #: of the config (BERT: is there a pooler / NSP head?); None → ``config_from_hf``
+    config_from_checkpoint: Callable[[dict, frozenset[str]], Any] | None = None
+    #: external names a checkpoint may leave out because transformers ties them to another tensor:
+    #: missing name → the tensor read in its place (T5 v1.1 saved by transformers 5 has no lm_head.weight)
+    tied_aliases: Mapping[str, str] = field(default_factory=dict)
+    #: tokenizer special ids (``special_token_ids``) → the token-id keys of config.json
+    token_config: Callable[[Mapping[str, int]], dict] = default_token_config
+    generation: bool = True  # write generation_config.json (the token ids that are set)
+    tokenizer_class: str | None = None  # transformers tokenizer class for the export; None → PreTrainedTokenizerFast
+
+    def import_config(self, hf_config: dict, names: Iterable[str]) -> Any:
+        """The ModelConfig of a checkpoint with this ``config.json`` holding tensors ``names``."""
+        if self.config_from_checkpoint is not None:
+            return self.config_from_checkpoint(hf_config, frozenset(names))
+        return self.config_from_hf(hf_config)
 
 
 @dataclass(frozen=True)
@@ -325,4 +389,5 @@ class FamilyAdapter:
     megatron_table: TemplateTable | None = None  # canonical legacy Megatron-LM names ↔ ours (merged shards)
 
     def target(self, model_type: str) -> HFTarget | None:
+        """The first target reading ``model_type`` (targets sharing a model_type share its table)."""
         return next((t for t in self.targets if t.model_type == model_type), None)

@@ -1,4 +1,4 @@
-"""Import legacy Megatron-LM GPT checkpoints (``model_optim_rng.pt`` per model-parallel rank).
+"""Import legacy Megatron-LM GPT and BERT checkpoints (``model_optim_rng.pt`` per model-parallel rank).
 
 Layout (see docs/conversion.md)::
 
@@ -18,6 +18,11 @@ megatron-core: grouped), and the result runs through the family's Megatron templ
 (``FamilyAdapter.megatron_table``, e.g. in ``models/gpt/hf.py``) like the HF converters. Legacy
 (``language_model.encoder.layers.N...``) and megatron-core (``decoder.layers.N...``) names are both
 accepted.
+
+The family comes from the tensors: BERT checkpoints (Megatron-BERT, the format GatorTron was trained
+in) hold ``lm_head.*`` (the masked-LM head; its vocabulary-parallel ``lm_head.bias`` is merged like
+the word embeddings) and, with the sentence-pair head, ``language_model.pooler.*`` and
+``binary_head.*``; they import as our pre-LN BERT.
 """
 
 from __future__ import annotations
@@ -110,7 +115,9 @@ _RENAMES: list[tuple[re.Pattern, str]] = [(re.compile(a), b) for a, b in [
 _DROP = re.compile(r"(_extra_state$|^word_embeddings_for_head\.|\.inv_freq$)")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
 _COLUMN = ("query_key_value.weight", "query_key_value.bias", "dense_h_to_4h.weight", "dense_h_to_4h.bias",
-           "word_embeddings.weight", "output_layer.weight")
+           "word_embeddings.weight", "output_layer.weight", "lm_head.bias")
+#: canonical names only a BERT checkpoint holds
+_BERT_ONLY = ("lm_head.", "binary_head.", "pooler.", "embedding.tokentype_embeddings.")
 _ROW = ("self_attention.dense.weight", "dense_4h_to_h.weight")
 
 
@@ -143,8 +150,10 @@ def _arg(args: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
-def config_from_args(args: Any, vocab_size: int) -> ModelConfig:
-    """Megatron-LM ``args`` (argparse Namespace) → our GPT :class:`ModelConfig`."""
+def config_from_args(args: Any, vocab_size: int, *, family: str = "gpt", num_tokentypes: int = 0,
+                     binary_head: bool = False) -> ModelConfig:
+    """Megatron-LM ``args`` (argparse Namespace) → our :class:`ModelConfig` of ``family`` (gpt | bert;
+    for BERT the tensors say how many token types there are and whether the sentence-pair head is there)."""
     if args is None:
         raise CheckpointError("the checkpoint has no 'args'; megaforge needs them to know the model shape")
     unsupported = [("apply_residual_connection_post_layernorm", True), ("apply_layernorm_1p", True),
@@ -170,8 +179,14 @@ def config_from_args(args: Any, vocab_size: int) -> ModelConfig:
     kv = int(_arg(args, "kv_channels", default=hidden // heads))
     groups = int(args.num_query_groups) if _arg(args, "group_query_attention", default=False) else None
     seq = int(_arg(args, "seq_length", "max_position_embeddings"))
+    extra: dict[str, Any] = {}
+    if family == "bert":
+        if rope or swiglu:
+            raise CheckpointError("Megatron BERT checkpoints with rotary positions or SwiGLU are not supported")
+        # Megatron-BERT is pre-LN with a final LayerNorm; its MLM head is always tied to the word embeddings
+        extra = dict(layernorm_position="pre", num_tokentypes=num_tokentypes, bert_binary_head=binary_head)
     return ModelConfig(
-        family="gpt", num_layers=int(args.num_layers), hidden_size=hidden,
+        family=family, num_layers=int(args.num_layers), hidden_size=hidden,
         ffn_hidden_size=int(_arg(args, "ffn_hidden_size", default=4 * hidden)), num_attention_heads=heads,
         num_query_groups=groups, kv_channels=None if kv * heads == hidden else kv, seq_length=seq,
         max_position_embeddings=int(_arg(args, "max_position_embeddings", default=seq)),
@@ -185,7 +200,7 @@ def config_from_args(args: Any, vocab_size: int) -> ModelConfig:
         attention_dropout=float(_arg(args, "attention_dropout", default=0.1)),
         init_method_std=float(_arg(args, "init_method_std", default=0.02)),
         make_vocab_size_divisible_by=int(_arg(args, "make_vocab_size_divisible_by", default=128)),
-        vocab_size=vocab_size,
+        vocab_size=vocab_size, **extra,
     )
 
 
@@ -206,6 +221,21 @@ class MegatronShards:
         self.version = float(first.get("checkpoint_version", 0) or 0)
         self.iteration = first.get("iteration")
         self._index: dict[str, list[torch.Tensor]] = {}  # global canonical name → shard per tp rank
+
+    def canonical_tensors(self) -> dict[str, torch.Tensor]:
+        """Canonical name → tensor of tensor-parallel rank 0, over every stage and chunk (layer
+        indices local to their stage): enough to tell the family and its optional parts."""
+        out: dict[str, torch.Tensor] = {}
+        for (tp, _), state in self.states.items():
+            if tp != 0:
+                continue
+            for chunk, tree in state.items():
+                if re.fullmatch(r"model\d*", chunk):
+                    for key, value in flatten(tree).items():
+                        name = canonical_name(key)
+                        if name is not None and isinstance(value, torch.Tensor):
+                            out.setdefault(name, value)
+        return out
 
     def build_index(self, cfg: ModelConfig) -> None:
         chunks = sorted((k for k in self.states[(0, 0)] if re.fullmatch(r"model\d*", k)),
@@ -277,7 +307,7 @@ class MegatronShards:
 def import_megatron(src: str | Path, out: str | Path, *, tokenizer: str | Path | None = None,
                     vocab_size: int | None = None, dtype: str | torch.dtype | None = "fp32",
                     log: Callable[[str], None] | None = print) -> Path:
-    """Convert a legacy Megatron-LM GPT checkpoint folder into the megaforge folder ``out``.
+    """Convert a legacy Megatron-LM GPT or BERT checkpoint folder into the megaforge folder ``out``.
 
     The true vocabulary size comes from ``vocab_size``, else the ``tokenizer``, else ``args.vocab_size``;
     without any, the padded size is kept (and said so).
@@ -294,7 +324,18 @@ def import_megatron(src: str | Path, out: str | Path, *, tokenizer: str | Path |
         vocab = padded or _embedding_rows(shards)
         if log:
             log(f"note: true vocabulary size unknown; keeping all {vocab} rows (pass vocab_size or a tokenizer)")
-    cfg = config_from_args(shards.args, int(vocab))
+    tensors = shards.canonical_tensors()
+    family = "bert" if any(n.startswith(_BERT_ONLY) for n in tensors) else "gpt"  # MLM head, pooler, token types
+    types = tensors.get("embedding.tokentype_embeddings.weight")
+    cfg = config_from_args(shards.args, int(vocab), family=family,
+                           num_tokentypes=int(types.shape[0]) if types is not None else 0,
+                           binary_head="binary_head.weight" in tensors)
+    if family == "bert" and "lm_head.bias" not in tensors:
+        raise CheckpointError(f"{folder}: the BERT checkpoint has no lm_head (masked-LM head); megaforge imports "
+                              "pretraining checkpoints, not fine-tuned classifiers")
+    if family == "bert" and cfg.activation == "gelu_tanh" and log:
+        log("note: the MLP used Megatron's fused bias-GELU (tanh approximation), imported as gelu_tanh; "
+            "Megatron's LM head used exact GELU, megaforge's uses the same activation as the MLP")
     shards.build_index(cfg)
     adapter = family_adapter(cfg.family)
     if adapter.megatron_table is None:
@@ -309,8 +350,8 @@ def import_megatron(src: str | Path, out: str | Path, *, tokenizer: str | Path |
                                  where=str(folder), name=Path(str(src)).name,
                                  description=f"imported from Megatron-LM checkpoint {src}")
     if log:
-        log(f"imported Megatron-LM checkpoint {folder} (tensor parallel {shards.tp}, pipeline {shards.pp}, "
-            f"version {shards.version:g}) → {out}")
+        log(f"imported Megatron-LM {family.upper()} checkpoint {folder} (tensor parallel {shards.tp}, "
+            f"pipeline {shards.pp}, version {shards.version:g}) → {out}")
     return out
 
 

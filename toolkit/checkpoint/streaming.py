@@ -8,6 +8,7 @@ Sources (``names()``, ``meta(name)`` without reading data, ``load(names)``):
 * :class:`SafetensorsSource` — a Hugging Face folder (one file or an index of shards), read lazily
   with ``safe_open``.
 * :class:`LazySource` — any ``name → meta`` table with a loader function (legacy Megatron merges).
+* :class:`AliasedSource` — another source plus tied names its file leaves out (T5's ``lm_head``).
 
 Sinks:
 
@@ -152,6 +153,25 @@ class LazySource:
 
     def load(self, names: Sequence[str]) -> list[torch.Tensor]:
         return [self._loader(n) for n in names]
+
+
+class AliasedSource:
+    """``source`` plus names it lacks that read another of its tensors: the weights transformers
+    ties and leaves out of a file (``aliases``: missing name → the name read in its place)."""
+
+    def __init__(self, source: TensorSource, aliases: Mapping[str, str]):
+        have = set(source.names())
+        self._source = source
+        self._aliases = {k: v for k, v in aliases.items() if k not in have and v in have}
+
+    def names(self) -> list[str]:
+        return self._source.names() + list(self._aliases)
+
+    def meta(self, name: str) -> torch.Tensor:
+        return self._source.meta(self._aliases.get(name, name))
+
+    def load(self, names: Sequence[str]) -> list[torch.Tensor]:
+        return self._source.load([self._aliases.get(n, n) for n in names])
 
 
 # ---------------------------------------------------------------------------- safetensors writer

@@ -5,7 +5,14 @@ excluded) and whether ``AutoTokenizer`` gives our token ids on probe texts. Abov
 (default 1e-4) :meth:`VerifyReport.raise_if_failed` raises :class:`VerificationError`, which the
 CLI turns into exit code 1.
 
-Probes are per task (``HFTarget.task``); families add theirs to :data:`PROBES`.
+Probes are per task (``HFTarget.task``), in :data:`PROBES`:
+
+* ``causal_lm`` (GPT): next-token logits.
+* ``masked_lm`` (BERT): MLM logits with token types (second half of each row = segment B) and a
+  padding mask (the random batch's last row ends in padding; padded positions are not compared),
+  plus the sentence-pair logits when both sides have that head.
+* ``seq2seq_lm`` (T5): decoder logits for encoder inputs (with a padding mask, as above) and
+  decoder inputs = the pad id then the inputs shifted right.
 """
 
 from __future__ import annotations
@@ -85,17 +92,82 @@ def probe_ids(vocab_size: int, max_len: int, tokenizer=None, *, seed: int = 0) -
     return batches
 
 
-@torch.no_grad()
-def causal_lm_probe(ours: nn.Module, theirs: nn.Module, ids: torch.Tensor, vocab_size: int) -> float:
-    a = ours(ids)[..., :vocab_size].float()  # [b, s, vocab]
-    b = theirs(input_ids=ids).logits[..., :vocab_size].float()  # [b, s, vocab]
+def _max_diff(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None) -> float:
+    """Max |a - b| over positions where ``keep`` [b, s] is True (all when None)."""
+    a, b = a.float(), b.float()
     if a.shape != b.shape:
         raise VerificationError(f"logit shapes differ: ours {tuple(a.shape)}, transformers {tuple(b.shape)}")
-    return float((a - b).abs().max())
+    diff = (a - b).abs()
+    if keep is not None:
+        diff = diff[keep]  # [kept positions, vocab]
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def padding_mask(ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] bool, True = real token: the last row of a batch of several ends in padding (a quarter)."""
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    if ids.shape[0] > 1:
+        mask[-1, ids.shape[1] - max(1, ids.shape[1] // 4):] = False
+    return mask
+
+
+def token_types(ids: torch.Tensor, num_tokentypes: int) -> torch.Tensor | None:
+    """[b, s]: segment A then segment B from the middle of each row (None without token types)."""
+    if num_tokentypes < 2:
+        return None
+    return (torch.arange(ids.shape[1]) >= ids.shape[1] // 2).long().expand_as(ids)
+
+
+@torch.no_grad()
+def causal_lm_probe(ours: nn.Module, theirs: nn.Module, ids: torch.Tensor, vocab_size: int) -> float:
+    a = ours(ids)[..., :vocab_size]  # [b, s, vocab]
+    b = theirs(input_ids=ids).logits[..., :vocab_size]  # [b, s, vocab]
+    return _max_diff(a, b)
+
+
+@torch.no_grad()
+def masked_lm_probe(ours: nn.Module, theirs: nn.Module, ids: torch.Tensor, vocab_size: int) -> float:
+    mask = padding_mask(ids)
+    types = token_types(ids, ours.cfg.num_tokentypes)
+    out = ours(ids, token_types=types, padding_mask=mask)
+    kwargs = {"token_type_ids": types} if types is not None else {}
+    hf = theirs(input_ids=ids, attention_mask=mask.long(), **kwargs)
+    mlm = getattr(hf, "prediction_logits", None)  # *ForPreTraining
+    mlm = hf.logits if mlm is None else mlm  # *ForMaskedLM
+    worst = _max_diff(out["mlm_logits"][..., :vocab_size], mlm[..., :vocab_size], mask)
+    theirs_binary = getattr(hf, "seq_relationship_logits", None)
+    if out["binary_logits"] is not None and theirs_binary is not None:
+        worst = max(worst, _max_diff(out["binary_logits"], theirs_binary))
+    return worst
+
+
+def decoder_inputs(ids: torch.Tensor, start_id: int = 0) -> torch.Tensor:
+    """The decoder inputs of the seq2seq probe: ``start_id`` then ``ids`` shifted right."""
+    return torch.cat([torch.full_like(ids[:, :1], start_id), ids[:, :-1]], dim=1)
+
+
+@torch.no_grad()
+def seq2seq_lm_probe(ours: nn.Module, theirs: nn.Module, ids: torch.Tensor, vocab_size: int) -> float:
+    mask = padding_mask(ids)
+    start = getattr(theirs.config, "decoder_start_token_id", None) or 0
+    dec = decoder_inputs(ids, start)
+    a = ours(ids, dec, encoder_padding_mask=mask)[..., :vocab_size]  # [b, s_dec, vocab]
+    b = theirs(input_ids=ids, attention_mask=mask.long(), decoder_input_ids=dec).logits[..., :vocab_size]
+    return _max_diff(a, b)
 
 
 #: task → (our model, transformers model, ids [b, s], true vocab) → max abs logit difference
-PROBES: dict[str, Callable[[nn.Module, nn.Module, torch.Tensor, int], float]] = {"causal_lm": causal_lm_probe}
+PROBES: dict[str, Callable[[nn.Module, nn.Module, torch.Tensor, int], float]] = {
+    "causal_lm": causal_lm_probe, "masked_lm": masked_lm_probe, "seq2seq_lm": seq2seq_lm_probe,
+}
+
+
+def our_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Our model's token logits for ``ids`` [b, s] whatever the family (BERT: MLM; T5: decoder on ``ids``)."""
+    if getattr(model, "is_encoder_decoder", False):
+        return model(ids, decoder_inputs(ids))
+    out = model(ids)
+    return out["mlm_logits"] if isinstance(out, dict) else out
 
 
 def compare_models(ours: nn.Module, theirs: nn.Module, *, vocab_size: int, max_len: int, task: str = "causal_lm",
@@ -158,11 +230,12 @@ def verify_export(checkpoint: str | Path, hf_folder: str | Path, *, tolerance: f
 
 
 def verify_import(hf_folder: str | Path, megaforge_folder: str | Path, *, tolerance: float = 1e-4) -> VerifyReport:
-    """``transformers`` loading ``hf_folder`` vs our model loaded from the imported folder."""
-    from toolkit.checkpoint.hf import adapter_for_model_type, load_megaforge_model, read_hf_config
+    """``transformers`` loading ``hf_folder`` vs our model loaded from the imported folder (as the class
+    our model exports to: e.g. ``BertForMaskedLM`` for a checkpoint without NSP head)."""
+    from toolkit.checkpoint.hf import family_adapter, load_megaforge_model
 
     model, cfg, tokenizer = load_megaforge_model(megaforge_folder)
-    _, target = adapter_for_model_type(read_hf_config(Path(hf_folder))["model_type"])
+    target = family_adapter(cfg.model.family).select(cfg.model)
     theirs = _load_hf_model(Path(hf_folder), target.architecture)
     report = compare_models(model, theirs, vocab_size=cfg.model.vocab_size, max_len=_max_len(cfg.model),
                             task=target.task, tokenizer=tokenizer, tolerance=tolerance)
@@ -178,6 +251,6 @@ def smoke_check(megaforge_folder: str | Path) -> VerifyReport:
 
     model, cfg, tokenizer = load_megaforge_model(megaforge_folder)
     ids = probe_ids(cfg.model.vocab_size, _max_len(cfg.model), tokenizer)[0]
-    logits = model(ids)[..., : cfg.model.vocab_size]
+    logits = our_logits(model, ids)[..., : cfg.model.vocab_size]
     finite = bool(torch.isfinite(logits).all())
     return VerifyReport(max_abs_diff=0.0 if finite else float("inf"), tolerance=0.0, num_tokens=ids.numel())

@@ -11,7 +11,16 @@ token ids as ours (checked by ``toolkit.checkpoint.verify``):
   loaded by ``PreTrainedTokenizerFast``.
 
 Both also get ``tokenizer_config.json`` (class, special tokens, ``model_max_length``) and
-``special_tokens_map.json``. Nothing here imports ``transformers``.
+``special_tokens_map.json``. A model family may ask for its own transformers class
+(``tokenizer_class``), which changes what ``AutoTokenizer`` adds around the ids but never the ids:
+
+* ``BertTokenizer`` (WordPiece only): ``do_lower_case``; ``[CLS] A [SEP] B [SEP]`` and token type ids.
+* ``T5Tokenizer`` (SentencePiece with ``</s>`` only): the model as ``spiece.model``, ``</s>``
+  appended to every sequence, the ``<extra_id_N>`` sentinels listed as additional special tokens
+  (``extra_ids: 0``: they are pieces of the model already, at the ids our tokenizer gives them).
+
+Any other class, or a tokenizer the class does not fit, gets ``PreTrainedTokenizerFast``.
+Nothing here imports ``transformers``.
 """
 
 from __future__ import annotations
@@ -55,26 +64,36 @@ def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     return ids
 
 
-def export_tokenizer(tokenizer: Tokenizer, folder: str | Path, *, model_max_length: int | None = None) -> list[Path]:
-    """Write ``tokenizer``'s Hugging Face files into ``folder``; returns the paths written."""
+def export_tokenizer(tokenizer: Tokenizer, folder: str | Path, *, model_max_length: int | None = None,
+                     tokenizer_class: str | None = None) -> list[Path]:
+    """Write ``tokenizer``'s Hugging Face files into ``folder``; returns the paths written.
+
+    ``tokenizer_class`` (``BertTokenizer``, ``T5Tokenizer``) is used where it fits the tokenizer,
+    else ``PreTrainedTokenizerFast`` (see the module docstring).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     specials = special_tokens(tokenizer)
     config: dict = {**specials, "model_max_length": model_max_length or VERY_LARGE,
                     "clean_up_tokenization_spaces": False}
     if tokenizer.library == "huggingface":
-        written = _write_hf(tokenizer, folder, config)
+        written = _write_hf(tokenizer, folder, config, bert=tokenizer_class == "BertTokenizer")
     elif tokenizer.library == "sentencepiece":
-        written = _write_spm(tokenizer, folder, config)
+        t5 = tokenizer_class == "T5Tokenizer" and tokenizer.eos_id is not None
+        written = _write_spm(tokenizer, folder, config, t5=t5)
+        if t5:
+            specials["additional_special_tokens"] = config["additional_special_tokens"]
     else:
         raise TokenizerError(f"cannot export a {type(tokenizer).__name__} to Hugging Face files "
                              f"(library {tokenizer.library!r})")
+    if tokenizer_class == "T5Tokenizer":  # even where the class did not fit: T5's forward takes no token types
+        config["model_input_names"] = ["input_ids", "attention_mask"]
     (folder / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (folder / SPECIAL_TOKENS_MAP).write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
     return written + [folder / TOKENIZER_CONFIG, folder / SPECIAL_TOKENS_MAP]
 
 
-def _write_hf(tokenizer: Tokenizer, folder: Path, config: dict) -> list[Path]:
+def _write_hf(tokenizer: Tokenizer, folder: Path, config: dict, *, bert: bool = False) -> list[Path]:
     backend = tokenizer.backend  # type: ignore[attr-defined]
     path = folder / "tokenizer.json"
     backend.save(str(path), pretty=True)
@@ -84,17 +103,34 @@ def _write_hf(tokenizer: Tokenizer, folder: Path, config: dict) -> list[Path]:
         vocab = sorted(backend.get_vocab(with_added_tokens=False).items(), key=lambda kv: kv[1])
         (folder / "vocab.txt").write_text("".join(f"{tok}\n" for tok, _ in vocab), encoding="utf-8")
         written.append(folder / "vocab.txt")
-        if getattr(tokenizer, "lowercase", None) is not None:
-            config["do_lower_case"] = bool(tokenizer.lowercase)  # type: ignore[attr-defined]
+        lowercase = getattr(tokenizer, "lowercase", None)
+        if lowercase is not None:
+            config["do_lower_case"] = bool(lowercase)
+        if bert and tokenizer.cls_id is not None and tokenizer.sep_id is not None:
+            # BertTokenizer also builds its pipeline from vocab.txt + these settings (transformers 4.x slow
+            # class, or a folder without tokenizer.json): the same BertNormalizer our WordPiece runs
+            config.update({"tokenizer_class": "BertTokenizer", "do_lower_case": bool(lowercase),
+                           "tokenize_chinese_chars": True, "strip_accents": None})
     return written
 
 
-def _write_spm(tokenizer: Tokenizer, folder: Path, config: dict) -> list[Path]:
+def _write_spm(tokenizer: Tokenizer, folder: Path, config: dict, *, t5: bool = False) -> list[Path]:
     proto: bytes = tokenizer.model_proto  # type: ignore[attr-defined]
-    path = folder / "tokenizer.model"
+    path = folder / ("spiece.model" if t5 else "tokenizer.model")  # T5Tokenizer's vocab_file name
     path.write_bytes(proto)
+    for stale in ("tokenizer.model", "spiece.model"):  # an earlier export into the same folder
+        if folder / stale != path and (folder / stale).exists():
+            (folder / stale).unlink()
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     fast = spm_to_tokenizers(proto)
+    if t5:
+        from tokenizers import processors
+
+        eos = tokenizer.id_to_token(tokenizer.eos_id)  # type: ignore[arg-type]
+        fast.post_processor = processors.TemplateProcessing(  # T5 appends </s> to every sequence
+            single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tokenizer.eos_id)])
+        config.update({"tokenizer_class": "T5Tokenizer", "extra_ids": 0,
+                       "additional_special_tokens": [tokenizer.id_to_token(i) for i in tokenizer.sentinel_ids]})
     fast.save(str(folder / "tokenizer.json"), pretty=True)
     return [path, folder / "tokenizer.json"]
 
