@@ -8,9 +8,12 @@
   directory (``config.yaml``, ``tokenizer/``, ``checkpoints/step_0`` + ``latest``) that
   ``megaforge generate`` and ``checkpoint.init_from`` accept.
 
-Both read and write one conversion step at a time (see :mod:`toolkit.checkpoint.streaming`); the
-weight names and transforms come from the family's ``models/<family>/hf.py`` adapter, found through
-:data:`HF_ADAPTERS`. With ``verify=True`` both sides run a probe batch (:mod:`toolkit.checkpoint.verify`).
+Both read and write one conversion step at a time (see :mod:`toolkit.checkpoint.streaming` and
+:mod:`toolkit.checkpoint.plan_runner`); the weight names and transforms come from the family's
+``models/<family>/hf.py`` adapter, found through :data:`HF_ADAPTERS`. With ``verify=True`` both sides
+run a probe batch (:mod:`toolkit.checkpoint.verify`). The megaforge side (finding a run's checkpoint,
+loading its model, writing an imported run folder) is :mod:`toolkit.checkpoint.megaforge_folder`;
+:func:`convert` is the one entry point ``megaforge convert`` and ``checkpoint.init_from`` use.
 """
 
 from __future__ import annotations
@@ -19,23 +22,31 @@ import dataclasses
 import importlib
 import json
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from toolkit.checkpoint.hf_mapping import FamilyAdapter, HFTarget, MappingContext, Step, check_shapes
-from toolkit.checkpoint.native import LATEST, CheckpointManager, is_complete
-from toolkit.checkpoint.streaming import (
-    AliasedSource,
-    DCPSource,
-    SafetensorsSource,
-    TensorSource,
-    write_dcp_checkpoint,
-    write_safetensors,
+from toolkit.checkpoint.hf_mapping import FamilyAdapter, HFTarget, MappingContext
+from toolkit.checkpoint.megaforge_folder import (
+    expected_shapes,
+    load_megaforge_model,
+    load_run_tokenizer,
+    resolve_checkpoint,
+    write_megaforge_folder,
 )
-from toolkit.config import ModelConfig, ParallelConfig, RunConfig, load_config, save_config, validate
-from toolkit.errors import CheckpointError, MegaforgeError
+from toolkit.checkpoint.native import is_complete
+from toolkit.checkpoint.plan_runner import DTYPES, StepCache, parse_dtype, plan_metas, stream_steps
+from toolkit.checkpoint.streaming import AliasedSource, DCPSource, SafetensorsSource, TensorSource, write_safetensors
+from toolkit.config import ModelConfig, load_config
+from toolkit.errors import CheckpointError
 from toolkit.models.common.embeddings import padded_vocab_size
+
+__all__ = [  # the conversion API, including what megaforge_folder and plan_runner hold
+    "HF_ADAPTERS", "DTYPES", "HUB_PATTERNS", "family_adapter", "adapter_for_model_type", "parse_dtype",
+    "resolve_checkpoint", "expected_shapes", "load_megaforge_model", "load_run_tokenizer", "plan_metas",
+    "stream_steps", "StepCache", "export_hf", "resolve_hf_source", "read_hf_config", "import_hf",
+    "write_megaforge_folder", "detect_source", "convert",
+]
 
 #: model family → module holding its ``ADAPTER`` (a :class:`FamilyAdapter`)
 HF_ADAPTERS: dict[str, str] = {
@@ -43,8 +54,6 @@ HF_ADAPTERS: dict[str, str] = {
     "bert": "toolkit.models.bert.hf",
     "t5": "toolkit.models.t5.hf",
 }
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 #: files fetched from the Hub for an import (never pickled weights)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
@@ -71,109 +80,6 @@ def adapter_for_model_type(model_type: str) -> tuple[FamilyAdapter, HFTarget]:
             return adapter, target
         known += [t.model_type for t in adapter.targets if t.model_type not in known]
     raise CheckpointError(f"Hugging Face model_type {model_type!r} is not supported (supported: {', '.join(known)})")
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise CheckpointError(f"dtype {dtype!r} is not one of fp32, bf16, fp16")
-    return DTYPES[dtype]
-
-
-# ---------------------------------------------------------------------------- megaforge side
-
-
-def resolve_checkpoint(src: str | Path) -> tuple[Path, Path]:
-    """A run directory or a ``step_N`` folder → (run directory, checkpoint folder)."""
-    src = Path(src)
-    if is_complete(src):
-        run_dir = src.parent.parent
-    elif (src / "config.yaml").is_file():
-        run_dir = src
-        step = CheckpointManager(src / "checkpoints").latest()
-        if step is None:
-            raise CheckpointError(f"{src} has no complete checkpoint ({src / 'checkpoints' / LATEST} is missing)")
-        src = step
-    else:
-        raise CheckpointError(f"{src} is neither a megaforge run directory (config.yaml + checkpoints/) nor a "
-                              "complete step_N checkpoint folder")
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"checkpoint {src} has no config.yaml two folders up ({run_dir}); export the run "
-                              "directory it belongs to")
-    return run_dir, src
-
-
-def expected_shapes(cfg: ModelConfig, tensor_parallel_size: int = 1) -> dict[str, torch.Size]:
-    """Our parameter shapes for ``cfg``, from the model built on ``meta`` (no memory used)."""
-    from toolkit.registry import build_model
-
-    with torch.device("meta"):
-        model = build_model(cfg, tensor_parallel_size=tensor_parallel_size)
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
-def load_megaforge_model(src: str | Path, *, device: str = "cpu"):
-    """Model (fp32, eval mode), run config and tokenizer (or None) of a run dir or step folder."""
-    from toolkit.checkpoint.native import load_model_weights
-    from toolkit.training.run import build_initialized_model
-
-    run_dir, step = resolve_checkpoint(src)
-    cfg = load_config(str(run_dir / "config.yaml"))
-    model = build_initialized_model(cfg, torch.device(device))
-    load_model_weights(step, model)
-    return model.float().eval(), cfg, _load_run_tokenizer(run_dir)
-
-
-def _load_run_tokenizer(run_dir: Path):
-    from toolkit.tokenization import load_tokenizer
-
-    folder = run_dir / "tokenizer"
-    return load_tokenizer(str(folder)) if folder.is_dir() else None
-
-
-# ---------------------------------------------------------------------------- running plans
-
-
-def plan_metas(steps: list[Step], source: TensorSource, ctx: MappingContext, *, dtype: torch.dtype | None,
-               expected_src: dict | None, expected_dst: dict | None, where: str) -> list[tuple[str, torch.Tensor]]:
-    """Run every step on ``meta`` tensors: shapes and dtypes of all outputs before reading data."""
-    items: list[tuple[str, torch.Tensor]] = []
-    for step in steps:
-        metas = [source.meta(n) for n in step.src]
-        if expected_src is not None:
-            for name, m in zip(step.src, metas):
-                want = expected_src.get(name)
-                if want is not None and tuple(m.shape) != tuple(want):
-                    raise CheckpointError(f"{where}: tensor '{name}' has shape {tuple(m.shape)}, but the config "
-                                          f"describes {tuple(want)}; config and weights disagree")
-        outs = step.run(metas, ctx)
-        check_shapes(step, outs, expected_dst, source=where)
-        items += [(n, o.to(dtype) if dtype is not None else o) for n, o in zip(step.dst, outs)]
-    return items
-
-
-def stream_steps(steps: list[Step], source: TensorSource, ctx: MappingContext,
-                 dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Load, convert and yield the destination tensors step by step (in plan order)."""
-    for step in steps:
-        for name, t in zip(step.dst, step.run(source.load(step.src), ctx)):
-            yield name, (t.to(dtype) if dtype is not None else t)
-
-
-class StepCache:
-    """Produces destination tensors by name, running each step once and keeping only its outputs."""
-
-    def __init__(self, steps: list[Step], source: TensorSource, ctx: MappingContext):
-        self._by_dst = {n: s for s in steps for n in s.dst}
-        self._source, self._ctx = source, ctx
-        self._cache: dict[str, torch.Tensor] = {}
-
-    def __call__(self, name: str) -> torch.Tensor:
-        if name not in self._cache:
-            step = self._by_dst[name]
-            self._cache = dict(zip(step.dst, step.run(self._source.load(step.src), self._ctx)))
-        return self._cache.pop(name)
 
 
 # ---------------------------------------------------------------------------- export
@@ -204,7 +110,7 @@ def export_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
     out = Path(out)
     write_safetensors(out, items, stream_steps(steps, source, ctx, torch_dtype), max_shard_size=max_shard_size)
     stored = items[0][1].dtype if items else torch.float32
-    tokenizer = _load_run_tokenizer(run_dir)
+    tokenizer = load_run_tokenizer(run_dir)
     _write_hf_configs(out, target, mcfg, tokenizer, stored)
     if log:
         log(f"exported {step_dir} → {out} ({target.architecture}, {len(items)} tensors, {_HF_DTYPE_NAMES[stored]})")
@@ -252,7 +158,7 @@ def resolve_hf_source(src: str | Path, *, revision: str | None = None) -> Path:
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path} has no config.json; it is not a Hugging Face model folder")
         return path
-    if path.exists() or str(src).startswith((".", "/", "~")) or str(src).count("/") > 1:
+    if not _is_hub_id(src):
         raise CheckpointError(f"{src} is not a Hugging Face model folder or Hub id")
     from huggingface_hub import snapshot_download
 
@@ -260,6 +166,13 @@ def resolve_hf_source(src: str | Path, *, revision: str | None = None) -> Path:
         return Path(snapshot_download(repo_id=str(src), revision=revision, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # network, auth, missing repo
         raise CheckpointError(f"cannot download {src} from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
+
+
+def _is_hub_id(src: str | Path) -> bool:
+    """Whether ``src``, no folder here, can be a Hub repo id: nothing at that path, not spelled as a
+    path (``.``, ``/``, ``~``), at most one ``/``."""
+    text = str(src)
+    return not (Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or text.count("/") > 1)
 
 
 def read_hf_config(folder: Path) -> dict:
@@ -327,36 +240,6 @@ def _architecture(adapter: FamilyAdapter, mcfg: ModelConfig, fallback: HFTarget)
         return fallback.architecture
 
 
-def write_megaforge_folder(out: str | Path, mcfg: ModelConfig, steps: list[Step], source: TensorSource,
-                           ctx: MappingContext, *, tokenizer, dtype: str | torch.dtype | None, trainer_state: dict,
-                           where: str, name: str = "imported", description: str = "",
-                           tensor_parallel_size: int = 1) -> Path:
-    """Write ``out/config.yaml``, ``out/tokenizer/`` and ``out/checkpoints/step_0`` (+ ``latest``),
-    producing our tensors from ``source`` through ``steps`` one at a time. ``ctx.padded_vocab_size``
-    must be the padding for ``tensor_parallel_size``."""
-    if tensor_parallel_size < 1:
-        raise CheckpointError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
-    cfg = RunConfig(name=name or "imported", description=description, model=mcfg,
-                    parallel=ParallelConfig(tensor_model_parallel_size=tensor_parallel_size))
-    out = Path(out)
-    if tokenizer is not None and tokenizer.vocab_size > mcfg.vocab_size:
-        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
-                              f"{mcfg.vocab_size}; they do not belong together")
-    try:
-        validate(cfg)
-    except MegaforgeError as e:
-        raise CheckpointError(f"{where}: its config is not a valid megaforge model: {e}") from None
-    items = plan_metas(steps, source, ctx, dtype=parse_dtype(dtype), expected_src=None,
-                       expected_dst=expected_shapes(mcfg, tensor_parallel_size), where=where)
-    out.mkdir(parents=True, exist_ok=True)
-    if tokenizer is not None:
-        tokenizer.save(out / "tokenizer")
-        cfg.tokenizer.path = str((out / "tokenizer").resolve())
-    write_dcp_checkpoint(out / "checkpoints", 0, dict(items), StepCache(steps, source, ctx), trainer_state)
-    save_config(cfg, out / "config.yaml")
-    return out
-
-
 def _import_tokenizer(folder: Path, override: str | Path | None):
     from toolkit.tokenization import load_tokenizer
 
@@ -383,7 +266,7 @@ def detect_source(src: str | Path) -> str:
             return "hf"
         raise CheckpointError(f"cannot tell what {path} holds: not a megaforge run/checkpoint, a Megatron-LM "
                               "checkpoint or a Hugging Face folder")
-    if path.exists() or str(src).startswith((".", "/", "~")) or str(src).count("/") > 1:
+    if not _is_hub_id(src):
         raise CheckpointError(f"{src} does not exist (and is not a Hugging Face Hub id)")
     return "hf"
 

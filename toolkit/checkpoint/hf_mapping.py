@@ -16,8 +16,10 @@ tensors or on ``meta`` tensors (to learn the output shapes before any data is re
 lets the converters stream one step at a time.
 
 Models with two stacks (T5's encoder and decoder) mark the second stack's rules with
-``layers="<flag>"``: ``{}`` then spans that context flag's count instead of ``num_layers``. Legacy
-Megatron-LM transformer layers are the same for every family: :func:`megatron_layer_rules`.
+``layers="<flag>"``: ``{}`` then spans that context flag's count instead of ``num_layers``. Rule
+conditions read the context's flags (:func:`when_flag`), which each family sets in
+:func:`model_context`. Legacy Megatron-LM layouts, the same for every family, are
+:mod:`toolkit.checkpoint.megatron_mapping`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 
+from toolkit.config import ModelConfig
 from toolkit.errors import CheckpointError
+from toolkit.models.common.embeddings import padded_vocab_size
+from toolkit.models.common.layer import head_dim
 
 Direction = Literal["to_hf", "from_hf"]
 Tensors = list[torch.Tensor]
@@ -53,6 +58,23 @@ class MappingContext:
 
     def flag(self, name: str) -> Any:
         return self.flags.get(name)
+
+
+def model_context(cfg: ModelConfig, *, flags: Mapping[str, Any], num_kv_heads: int | None = None) -> MappingContext:
+    """``cfg``'s sizes, its vocabulary padded as a one-process model pads it (the converters re-pad
+    for their layout) and the family's ``flags``; ``num_kv_heads`` defaults to the query groups."""
+    return MappingContext(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
+        num_kv_heads=num_kv_heads or cfg.num_query_groups or cfg.num_attention_heads, head_dim=head_dim(cfg),
+        vocab_size=cfg.vocab_size,
+        padded_vocab_size=padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by),
+        flags=flags,
+    )
+
+
+def when_flag(name: str, negate: bool = False) -> Condition:
+    """Rule condition: the context flag ``name`` is set (or, with ``negate``, unset)."""
+    return (lambda ctx: not ctx.flag(name)) if negate else (lambda ctx: bool(ctx.flag(name)))
 
 
 # ---------------------------------------------------------------------------- transforms
@@ -122,88 +144,6 @@ def split_rows(t: torch.Tensor, sizes: Sequence[int], what: str) -> Tensors:
     if t.shape[0] != sum(sizes):
         raise ValueError(f"{what}: expected {sum(sizes)} rows ({' + '.join(map(str, sizes))}), got {t.shape[0]}")
     return list(torch.split(t, list(sizes), dim=0))
-
-
-# ---------------------------------------------------------------------------- Megatron-LM layouts
-# Fused tensors of legacy and megatron-core checkpoints (any family), after the tensor-parallel shards
-# were merged: QKV grouped per query group, SwiGLU's [gate; up], vocabulary padded to divisible_by × tp.
-
-
-def _groups(ctx: MappingContext) -> tuple[int, int]:
-    return ctx.num_kv_heads, ctx.num_heads // ctx.num_kv_heads
-
-
-def _qkv_from_grouped(ts, ctx: MappingContext):
-    g, qpg = _groups(ctx)
-    t = ts[0]
-    rest = t.shape[1:]
-    t = t.reshape(g, qpg + 2, ctx.head_dim, *rest)  # [groups, q per group + k + v, head_dim, (hidden)]
-    q = t[:, :qpg].reshape(g * qpg * ctx.head_dim, *rest)
-    k = t[:, qpg].reshape(g * ctx.head_dim, *rest)
-    v = t[:, qpg + 1].reshape(g * ctx.head_dim, *rest)
-    return [q, k, v]
-
-
-def _qkv_to_grouped(ts, ctx: MappingContext):
-    g, qpg = _groups(ctx)
-    q, k, v = ts
-    rest = q.shape[1:]
-    parts = [q.reshape(g, qpg, ctx.head_dim, *rest), k.reshape(g, 1, ctx.head_dim, *rest),
-             v.reshape(g, 1, ctx.head_dim, *rest)]
-    return [torch.cat(parts, dim=1).reshape(-1, *rest)]  # [groups·(qpg+2)·head_dim, (hidden)]
-
-
-def _swiglu_split(ts, ctx: MappingContext):
-    gate, up = ts[0].chunk(2, dim=0)  # Megatron: silu(first half) * second half
-    return [gate, up]
-
-
-def _swiglu_fuse(ts, ctx: MappingContext):
-    return [torch.cat(ts, dim=0)]
-
-
-def _vocab_from_megatron(ts, ctx: MappingContext):
-    t = ts[0][: ctx.vocab_size]  # Megatron pads to a multiple of divisible_by × tp; ours to divisible_by
-    pad = t.new_zeros((ctx.padded_vocab_size - t.shape[0], *t.shape[1:]))
-    return [torch.cat([t, pad], dim=0)]
-
-
-register_transform("megatron.qkv", _qkv_to_grouped, _qkv_from_grouped)
-register_transform("megatron.swiglu", _swiglu_fuse, _swiglu_split)
-register_transform("megatron.vocab_rows", lambda ts, ctx: [ts[0][: ctx.vocab_size]], _vocab_from_megatron)
-
-
-def _flag(name: str, value: bool = True) -> Condition:
-    return lambda ctx: bool(ctx.flag(name)) == value
-
-
-def megatron_layer_rules(prefix: str = "layers.{}.") -> list[Rule]:
-    """The per-layer rules of a legacy Megatron-LM ``ParallelTransformerLayer`` (canonical names, after
-    the shards are merged) ↔ our ``TransformerLayer``; conditions read the context flags ``bias``,
-    ``norm_bias`` (LayerNorm) and ``gated`` (SwiGLU)."""
-    bias, norm_bias, gated = _flag("bias"), _flag("norm_bias"), _flag("gated")
-    plain_bias = lambda c: bool(c.flag("bias")) and not c.flag("gated")  # noqa: E731
-    gated_bias = lambda c: bool(c.flag("bias")) and bool(c.flag("gated"))  # noqa: E731
-    m, o = prefix, "layers.{}."
-    qkv = [o + "attn.q", o + "attn.k", o + "attn.v"]
-    return [
-        rule(m + "input_layernorm.weight", o + "attn_norm.weight"),
-        rule(m + "input_layernorm.bias", o + "attn_norm.bias", when=norm_bias),
-        rule(m + "self_attention.query_key_value.weight", [n + ".weight" for n in qkv], "megatron.qkv"),
-        rule(m + "self_attention.query_key_value.bias", [n + ".bias" for n in qkv], "megatron.qkv", when=bias),
-        rule(m + "self_attention.dense.weight", o + "attn.out.weight"),
-        rule(m + "self_attention.dense.bias", o + "attn.out.bias", when=bias),
-        rule(m + "post_attention_layernorm.weight", o + "mlp_norm.weight"),
-        rule(m + "post_attention_layernorm.bias", o + "mlp_norm.bias", when=norm_bias),
-        rule(m + "mlp.dense_h_to_4h.weight", o + "mlp.fc1.weight", when=_flag("gated", False)),
-        rule(m + "mlp.dense_h_to_4h.bias", o + "mlp.fc1.bias", when=plain_bias),
-        rule(m + "mlp.dense_h_to_4h.weight", [o + "mlp.gate.weight", o + "mlp.fc1.weight"], "megatron.swiglu",
-             when=gated),
-        rule(m + "mlp.dense_h_to_4h.bias", [o + "mlp.gate.bias", o + "mlp.fc1.bias"], "megatron.swiglu",
-             when=gated_bias),
-        rule(m + "mlp.dense_4h_to_h.weight", o + "mlp.fc2.weight"),
-        rule(m + "mlp.dense_4h_to_h.bias", o + "mlp.fc2.bias", when=bias),
-    ]
 
 
 # ---------------------------------------------------------------------------- rules and tables
@@ -348,6 +288,17 @@ def check_shapes(step: Step, outputs: Tensors, expected: Mapping[str, torch.Size
 def default_token_config(ids: Mapping[str, int]) -> dict:
     """Tokenizer special ids → config.json token-id keys (decoder-only models: bos, eos, pad)."""
     return {k: ids.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+
+def require_multi_head_attention(cfg: ModelConfig, architecture: str) -> None:
+    """Raise unless ``cfg`` has plain multi-head attention with heads × head_dim = hidden, the only
+    kind ``architecture`` (GPT-2, BERT) has."""
+    groups = cfg.num_query_groups or cfg.num_attention_heads
+    if groups != cfg.num_attention_heads:
+        raise CheckpointError(f"cannot export to {architecture}: it has no grouped-query attention "
+                              f"(model.num_query_groups={groups}, heads={cfg.num_attention_heads})")
+    if head_dim(cfg) * cfg.num_attention_heads != cfg.hidden_size:
+        raise CheckpointError(f"cannot export to {architecture}: model.kv_channels × heads must equal hidden_size")
 
 
 @dataclass(frozen=True)

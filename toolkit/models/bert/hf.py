@@ -29,26 +29,23 @@ from toolkit.checkpoint.hf_mapping import (
     MappingContext,
     TemplateTable,
     get_transform,
-    megatron_layer_rules,
+    model_context,
     register_transform,
+    require_multi_head_attention,
     rule,
+    when_flag,
 )
+from toolkit.checkpoint.megatron_mapping import megatron_layer_rules
 from toolkit.config import ModelConfig
 from toolkit.errors import CheckpointError
-from toolkit.models.common import padded_vocab_size
-from toolkit.models.common.layer import ffn_size, head_dim
+from toolkit.models.common.layer import ffn_size
 
 #: rows of the zero token-type table exported for a model without token types
 EXPORTED_TOKENTYPES = 2
 
 
-def _f(name: str, negate: bool = False) -> Callable[[MappingContext], bool]:
-    """Rule condition: the context flag ``name`` (see :func:`context`) is set (or, negated, unset)."""
-    return (lambda ctx: not ctx.flag(name)) if negate else (lambda ctx: bool(ctx.flag(name)))
-
-
-_binary, _no_binary = _f("binary_head"), _f("binary_head", negate=True)
-_types, _no_types = _f("tokentypes"), _f("tokentypes", negate=True)
+_binary, _no_binary = when_flag("binary_head"), when_flag("binary_head", negate=True)  # see context()
+_types, _no_types = when_flag("tokentypes"), when_flag("tokentypes", negate=True)
 
 
 # ---------------------------------------------------------------------------- transforms
@@ -234,26 +231,16 @@ def select_target(cfg: ModelConfig) -> HFTarget:
     if cfg.activation not in _ACT:
         raise CheckpointError(f"cannot export to {name}: activation {cfg.activation!r} is not one of "
                               f"{', '.join(_ACT)}")
-    groups = cfg.num_query_groups or cfg.num_attention_heads
-    if groups != cfg.num_attention_heads:
-        raise CheckpointError(f"cannot export to {name}: it has no grouped-query attention "
-                              f"(model.num_query_groups={groups}, heads={cfg.num_attention_heads})")
-    if head_dim(cfg) * cfg.num_attention_heads != cfg.hidden_size:
-        raise CheckpointError(f"cannot export to {name}: model.kv_channels × heads must equal hidden_size")
+    require_multi_head_attention(cfg, name)
     if pre:
         return MEGATRON_BERT_PRETRAINING if cfg.bert_binary_head else MEGATRON_BERT_MASKED_LM
     return BERT_PRETRAINING if cfg.bert_binary_head else BERT_MASKED_LM
 
 
 def context(cfg: ModelConfig) -> MappingContext:
-    return MappingContext(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
-        num_kv_heads=cfg.num_query_groups or cfg.num_attention_heads, head_dim=head_dim(cfg),
-        vocab_size=cfg.vocab_size,
-        padded_vocab_size=padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by),
-        flags={"binary_head": cfg.bert_binary_head, "tokentypes": cfg.num_tokentypes > 0,
-               "bias": cfg.add_bias_linear, "norm_bias": cfg.normalization == "LayerNorm", "gated": False},
-    )
+    return model_context(cfg, flags={"binary_head": cfg.bert_binary_head, "tokentypes": cfg.num_tokentypes > 0,
+                                     "bias": cfg.add_bias_linear, "norm_bias": cfg.normalization == "LayerNorm",
+                                     "gated": False})
 
 
 ADAPTER = FamilyAdapter(

@@ -15,8 +15,6 @@ Config mapping: our :class:`~toolkit.config.ModelConfig` ↔ ``GPT2Config`` / ``
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from toolkit.checkpoint.hf_mapping import (
@@ -24,14 +22,17 @@ from toolkit.checkpoint.hf_mapping import (
     HFTarget,
     MappingContext,
     TemplateTable,
+    model_context,
     qkv_sizes,
     register_transform,
+    require_multi_head_attention,
     rule,
     split_rows,
+    when_flag,
 )
+from toolkit.checkpoint.megatron_mapping import megatron_layer_rules
 from toolkit.config import ModelConfig
 from toolkit.errors import CheckpointError
-from toolkit.models.common import padded_vocab_size
 from toolkit.models.common.layer import ffn_size, head_dim
 from toolkit.models.common.mlp import GATED
 
@@ -58,12 +59,7 @@ register_transform("gpt2.qkv_weight", _qkv_weight_to_hf, _qkv_weight_from_hf)
 register_transform("gpt2.qkv_bias", _qkv_bias_to_hf, _qkv_bias_from_hf)
 
 
-def _f(name: str, negate: bool = False) -> Callable[[MappingContext], bool]:
-    """Rule condition: the context flag ``name`` (see :func:`context`) is set (or, negated, unset)."""
-    return (lambda ctx: not ctx.flag(name)) if negate else (lambda ctx: bool(ctx.flag(name)))
-
-
-_untied, _tied, _bias = _f("tied", negate=True), _f("tied"), _f("bias")
+_untied, _tied, _bias = when_flag("tied", negate=True), when_flag("tied"), when_flag("bias")  # see context()
 
 
 # ---------------------------------------------------------------------------- tables
@@ -123,29 +119,11 @@ LLAMA_TABLE = TemplateTable(
 # the legacy way without the language_model./encoder. prefixes before this table applies).
 MEGATRON_TABLE = TemplateTable([
     rule("embedding.word_embeddings.weight", "embed.tokens.weight", "megatron.vocab_rows"),
-    rule("embedding.position_embeddings.weight", "embed.positions.weight", when=_f("learned_positions")),
-    rule("layers.{}.input_layernorm.weight", "layers.{}.attn_norm.weight"),
-    rule("layers.{}.input_layernorm.bias", "layers.{}.attn_norm.bias", when=_f("norm_bias")),
-    rule("layers.{}.self_attention.query_key_value.weight",
-         ["layers.{}.attn.q.weight", "layers.{}.attn.k.weight", "layers.{}.attn.v.weight"], "megatron.qkv"),
-    rule("layers.{}.self_attention.query_key_value.bias",
-         ["layers.{}.attn.q.bias", "layers.{}.attn.k.bias", "layers.{}.attn.v.bias"], "megatron.qkv", when=_f("bias")),
-    rule("layers.{}.self_attention.dense.weight", "layers.{}.attn.out.weight"),
-    rule("layers.{}.self_attention.dense.bias", "layers.{}.attn.out.bias", when=_f("bias")),
-    rule("layers.{}.post_attention_layernorm.weight", "layers.{}.mlp_norm.weight"),
-    rule("layers.{}.post_attention_layernorm.bias", "layers.{}.mlp_norm.bias", when=_f("norm_bias")),
-    rule("layers.{}.mlp.dense_h_to_4h.weight", "layers.{}.mlp.fc1.weight", when=_f("gated", negate=True)),
-    rule("layers.{}.mlp.dense_h_to_4h.bias", "layers.{}.mlp.fc1.bias",
-         when=lambda c: bool(c.flag("bias")) and not c.flag("gated")),
-    rule("layers.{}.mlp.dense_h_to_4h.weight", ["layers.{}.mlp.gate.weight", "layers.{}.mlp.fc1.weight"],
-         "megatron.swiglu", when=_f("gated")),
-    rule("layers.{}.mlp.dense_h_to_4h.bias", ["layers.{}.mlp.gate.bias", "layers.{}.mlp.fc1.bias"],
-         "megatron.swiglu", when=lambda c: bool(c.flag("bias")) and bool(c.flag("gated"))),
-    rule("layers.{}.mlp.dense_4h_to_h.weight", "layers.{}.mlp.fc2.weight"),
-    rule("layers.{}.mlp.dense_4h_to_h.bias", "layers.{}.mlp.fc2.bias", when=_f("bias")),
+    rule("embedding.position_embeddings.weight", "embed.positions.weight", when=when_flag("learned_positions")),
+    *megatron_layer_rules(),
     rule("final_layernorm.weight", "final_norm.weight"),
-    rule("final_layernorm.bias", "final_norm.bias", when=_f("norm_bias")),
-    rule("output_layer.weight", "head.weight", "megatron.vocab_rows", when=_f("tied", negate=True)),
+    rule("final_layernorm.bias", "final_norm.bias", when=when_flag("norm_bias")),
+    rule("output_layer.weight", "head.weight", "megatron.vocab_rows", when=_untied),
 ])
 
 
@@ -265,12 +243,7 @@ def select_target(cfg: ModelConfig) -> HFTarget:
         return LLAMA
     if (cfg.position_embedding_type == "learned_absolute" and cfg.normalization == "LayerNorm"
             and cfg.activation in _GPT2_ACT):
-        groups = cfg.num_query_groups or cfg.num_attention_heads
-        if groups != cfg.num_attention_heads:
-            raise CheckpointError(f"cannot export to GPT2LMHeadModel: it has no grouped-query attention "
-                                  f"(model.num_query_groups={groups}, heads={cfg.num_attention_heads})")
-        if head_dim(cfg) * cfg.num_attention_heads != cfg.hidden_size:
-            raise CheckpointError("cannot export to GPT2LMHeadModel: model.kv_channels × heads must equal hidden_size")
+        require_multi_head_attention(cfg, GPT2.architecture)
         if not cfg.add_bias_linear:
             raise CheckpointError("cannot export to GPT2LMHeadModel: it has biases in every linear layer "
                                   "(model.add_bias_linear=false)")
@@ -283,15 +256,11 @@ def select_target(cfg: ModelConfig) -> HFTarget:
 
 
 def context(cfg: ModelConfig) -> MappingContext:
-    return MappingContext(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
-        num_kv_heads=cfg.num_query_groups or cfg.num_attention_heads, head_dim=head_dim(cfg),
-        vocab_size=cfg.vocab_size,
-        padded_vocab_size=padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by),
-        flags={"bias": cfg.add_bias_linear, "tied": cfg.share_embeddings_and_output_weights,
-               "gated": cfg.activation in GATED, "norm_bias": cfg.normalization == "LayerNorm",
-               "learned_positions": cfg.position_embedding_type == "learned_absolute"},
-    )
+    return model_context(cfg, flags={
+        "bias": cfg.add_bias_linear, "tied": cfg.share_embeddings_and_output_weights,
+        "gated": cfg.activation in GATED, "norm_bias": cfg.normalization == "LayerNorm",
+        "learned_positions": cfg.position_embedding_type == "learned_absolute",
+    })
 
 
 ADAPTER = FamilyAdapter(family="gpt", targets=(GPT2, LLAMA), select=select_target, context=context,

@@ -23,22 +23,23 @@ saved by transformers ≥ 5 while tied) imports with ``head`` = a copy of ``shar
 
 from __future__ import annotations
 
-from typing import Callable
-
-from toolkit.checkpoint.hf_mapping import FamilyAdapter, HFTarget, MappingContext, TemplateTable, rule
+from toolkit.checkpoint.hf_mapping import (
+    FamilyAdapter,
+    HFTarget,
+    MappingContext,
+    TemplateTable,
+    model_context,
+    rule,
+    when_flag,
+)
 from toolkit.config import ModelConfig
 from toolkit.errors import CheckpointError
-from toolkit.models.common import padded_vocab_size
 from toolkit.models.common.layer import ffn_size, head_dim
 from toolkit.models.common.mlp import GATED
 
 
-def _f(name: str, negate: bool = False) -> Callable[[MappingContext], bool]:
-    """Rule condition: the context flag ``name`` (see :func:`context`) is set (or, negated, unset)."""
-    return (lambda ctx: not ctx.flag(name)) if negate else (lambda ctx: bool(ctx.flag(name)))
-
-
-_gated, _plain, _tied, _untied = _f("gated"), _f("gated", negate=True), _f("tied"), _f("tied", negate=True)
+_gated, _plain = when_flag("gated"), when_flag("gated", negate=True)  # see context()
+_tied, _untied = when_flag("tied"), when_flag("tied", negate=True)
 
 
 # ---------------------------------------------------------------------------- table
@@ -172,13 +173,10 @@ def select_target(cfg: ModelConfig) -> HFTarget:
 
 
 def context(cfg: ModelConfig) -> MappingContext:
-    return MappingContext(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
-        num_kv_heads=cfg.num_attention_heads, head_dim=head_dim(cfg), vocab_size=cfg.vocab_size,
-        padded_vocab_size=padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by),
-        flags={"decoder_layers": cfg.num_decoder_layers or cfg.num_layers, "gated": cfg.activation in GATED,
-               "tied": cfg.share_embeddings_and_output_weights},
-    )
+    # T5 attention has no grouped-query variant: as many key/value heads as query heads
+    return model_context(cfg, num_kv_heads=cfg.num_attention_heads,
+                         flags={"decoder_layers": cfg.num_decoder_layers or cfg.num_layers,
+                                "gated": cfg.activation in GATED, "tied": cfg.share_embeddings_and_output_weights})
 
 
 ADAPTER = FamilyAdapter(family="t5", targets=(T5,), select=select_target, context=context)
