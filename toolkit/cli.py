@@ -75,6 +75,17 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_publish(args) -> int:
+    from toolkit.hub import CardOptions, publish
+
+    card = CardOptions(license=args.license, language=tuple(args.language), tags=tuple(args.tag),
+                       datasets=tuple(args.dataset), base_model=args.base_model)
+    publish(args.folder, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run,
+            overwrite_card=args.overwrite_card, card_options=card, include=tuple(args.include),
+            commit_message=args.message)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megaforge", description="Train transformer language models at any scale.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -138,6 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--virtual-pipeline", type=int, default=None,
                    help="--to megaforge: virtual pipeline stages per rank recorded for the result")
     s.set_defaults(func=_cmd_convert)
+
+    s = sub.add_parser("publish", help="upload a Hugging Face export (convert --to hf) to the Hub with a model card")
+    s.add_argument("folder", help="Hugging Face folder written by `megaforge convert RUN FOLDER --to hf`")
+    s.add_argument("repo_id", help="Hub repository, NAMESPACE/NAME (created if missing)")
+    s.add_argument("--private", action="store_true", help="create the repository private (refused if it exists public)")
+    s.add_argument("--revision", default=None, help="branch to commit to, created if missing (default main)")
+    s.add_argument("--dry-run", action="store_true", help="list the files and print the card; send and write nothing")
+    s.add_argument("--overwrite-card", action="store_true",
+                   help="regenerate README.md even if the folder has one (default: keep an existing README.md)")
+    s.add_argument("--license", default=None, help="card license id, e.g. apache-2.0 (default: none written)")
+    s.add_argument("--language", action="append", default=[], help="card language code, repeatable (default en "
+                                                                   "for the shipped corpora)")
+    s.add_argument("--tag", action="append", default=[], help="extra card tag, repeatable")
+    s.add_argument("--dataset", action="append", default=[], help="Hub dataset id trained on, repeatable")
+    s.add_argument("--base-model", default=None,
+                   help="Hub id fine-tuned from (default: checkpoint.init_from if a Hub id)")
+    s.add_argument("--include", action="append", default=[],
+                   help="glob of an extra file to upload (e.g. LICENSE); training data is refused regardless")
+    s.add_argument("--message", default=None, help="commit message")
+    s.set_defaults(func=_cmd_publish)
     return p
 
 

@@ -5,8 +5,10 @@ Sources (``names()``, ``meta(name)`` without reading data, ``load(names)``):
 
 * :class:`DCPSource` — the model entries of a native DCP checkpoint, read through
   ``torch.distributed.checkpoint``'s metadata and ``FileSystemReader`` for just the tensors asked.
-* :class:`SafetensorsSource` — a Hugging Face folder (one file or an index of shards), read lazily
-  with ``safe_open``.
+* :class:`SafetensorsSource` — a Hugging Face folder (one file or an index of shards): headers
+  checked with ``safe_open``, each tensor read with ``readinto`` into a buffer of its own. Not
+  through a memory map: every mapped page read stays resident (RSS grew to the model size on a
+  1.3B import, benchmarks/convert_memory.py), while a read buffer is freed with its tensor.
 * :class:`LazySource` — any ``name → meta`` table with a loader function (legacy Megatron merges).
 * :class:`AliasedSource` — another source plus tied names its file leaves out (T5's ``lm_head``).
 
@@ -114,29 +116,53 @@ class SafetensorsSource:
             hint = (f" (found {pickles[0]}: pickle weights are not loaded; re-save the model with "
                     "save_pretrained(..., safe_serialization=True))") if pickles else ""
             raise CheckpointError(f"{self.folder} has no {SINGLE_FILE} or {INDEX_FILE}{hint}")
-        self._handles = {}
-        self._where: dict[str, str] = {}
+        self._tensors: dict[str, tuple[Path, int, torch.Tensor]] = {}  # name → (file, byte offset, meta)
         for f in files:
+            path = self.folder / f
             try:
-                h = safe_open(str(self.folder / f), framework="pt")
+                with safe_open(str(path), framework="pt") as h:  # validates the header and its offsets
+                    names = list(h.keys())
+                data_start, entries = _safetensors_header(path)
+                for name in names:
+                    e = entries[name]
+                    self._tensors[name] = (path, data_start + e["data_offsets"][0],
+                                           meta_tensor(e["shape"], _FROM_SAFETENSORS[e["dtype"]]))
             except Exception as e:
-                raise CheckpointError(f"cannot open {self.folder / f}: {_first_line(e)}") from None
-            self._handles[f] = h
-            for k in h.keys():
-                self._where[k] = f
-        missing = sorted(set(weight_map) - set(self._where))
+                raise CheckpointError(f"cannot open {path}: {_first_line(e)}") from None
+        missing = sorted(set(weight_map) - set(self._tensors))
         if missing:
             raise CheckpointError(f"{index} lists '{missing[0]}' but no shard holds it; the download is incomplete")
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return list(self._tensors)
 
     def meta(self, name: str) -> torch.Tensor:
-        sl = self._handles[self._where[name]].get_slice(name)
-        return meta_tensor(sl.get_shape(), _FROM_SAFETENSORS[sl.get_dtype()])
+        return self._tensors[name][2]
 
     def load(self, names: Sequence[str]) -> list[torch.Tensor]:
-        return [self._handles[self._where[n]].get_tensor(n) for n in names]
+        return [self._read(n) for n in names]
+
+    def _read(self, name: str) -> torch.Tensor:
+        path, offset, meta = self._tensors[name]
+        buf = torch.empty(meta.numel() * meta.element_size(), dtype=torch.uint8)
+        view, got = memoryview(buf.numpy()), 0
+        with open(path, "rb", buffering=0) as fh:
+            fh.seek(offset)
+            while got < len(view):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise CheckpointError(f"{path} ends inside tensor '{name}'; the file is truncated")
+                got += n
+        return buf.view(meta.dtype).reshape(meta.shape)  # safetensors data is little-endian, as torch's
+
+
+def _safetensors_header(path: Path) -> tuple[int, dict]:
+    """(byte offset where the data starts, the header's name → {dtype, shape, data_offsets} entries)."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
 
 
 class LazySource:
