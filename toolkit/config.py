@@ -75,6 +75,7 @@ class DataConfig:
     masked_lm_prob: float = 0.15  # fraction of tokens masked
     short_seq_prob: float = 0.1  # probability of a shorter sample
     whole_word_masking: bool = False  # mask whole WordPiece words
+    bert_pair_task: str = "sop"  # sop (sentence-order prediction, as Megatron-BERT) | nsp (next sentence, as original BERT)
     # T5 family
     noise_density: float = 0.15  # fraction of tokens corrupted into spans
     mean_noise_span_length: float = 3.0  # mean corrupted span length
@@ -171,6 +172,7 @@ CHOICES = {
     "parallel.data_parallel_sharding": ("full", "optimizer_and_grads", "none"),
     "parallel.pipeline_schedule": ("1f1b", "interleaved_1f1b", "gpipe"),
     "data.corpus": ("english", "clinical"),
+    "data.bert_pair_task": ("sop", "nsp"),
     "tokenizer.type": ("auto", "sentencepiece", "huggingface"),
     "optim.name": ("adamw",),
     "optim.lr_decay_style": ("cosine", "linear", "constant"),

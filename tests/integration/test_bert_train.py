@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import assert_bitwise_same_run, run_cli
 
 # Very small versions of the tiny recipes so each run takes seconds on 2 cores.
 SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
@@ -34,37 +34,54 @@ def falls(ls: dict[int, float]) -> bool:
     return last < first - 0.5
 
 
-def test_bert_tiny_trains(tmp_path: Path):
-    run = tmp_path / "bert"
-    train("bert-tiny", run, "trainer.max_steps=30", "checkpoint.save_interval=0", "logging.plot=false")
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """20 uninterrupted steps of a recipe (checkpoints every 5), made once per recipe."""
+    runs: dict[str, Path] = {}
+
+    def get(recipe: str) -> Path:
+        if recipe not in runs:
+            run = tmp_path_factory.mktemp(recipe) / "straight"
+            train(recipe, run, "trainer.max_steps=20", "checkpoint.save_interval=5", "logging.plot=false")
+            runs[recipe] = run
+        return runs[recipe]
+
+    return get
+
+
+def test_bert_tiny_trains(straight):
+    """Original BERT: post-LN, next-sentence prediction (the recipe's data.bert_pair_task)."""
+    run = straight("bert-tiny")
     ls = losses(run)
-    assert sorted(ls) == list(range(1, 31)) and falls(ls), ls
+    assert sorted(ls) == list(range(1, 21)) and falls(ls), ls
     assert (run / "tokenizer" / "vocab.txt").is_file()
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in recs)
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.load(run / "config.yaml")
+    assert saved.model.layernorm_position == "post" and saved.data.bert_pair_task == "nsp"
 
 
-@pytest.fixture(scope="module")
-def gatortron_straight(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("gatortron") / "straight"
-    train("gatortron-tiny", run, "trainer.max_steps=20", "checkpoint.save_interval=5", "logging.plot=false")
-    return run
-
-
-def test_gatortron_tiny_trains(gatortron_straight: Path):
-    ls = losses(gatortron_straight)
+def test_gatortron_tiny_trains(straight):
+    run = straight("gatortron-tiny")
+    ls = losses(run)
     assert sorted(ls) == list(range(1, 21)) and falls(ls), ls
     from omegaconf import OmegaConf
 
-    saved = OmegaConf.load(gatortron_straight / "config.yaml")
+    saved = OmegaConf.load(run / "config.yaml")
     assert saved.model.layernorm_position == "pre" and saved.data.corpus == "clinical"
+    assert saved.data.bert_pair_task == "sop"
 
 
-def test_gatortron_resume_is_bitwise(gatortron_straight: Path, tmp_path: Path):
+@pytest.mark.parametrize("recipe", ["bert-tiny", "gatortron-tiny"])
+def test_resume_is_bitwise(recipe: str, straight, tmp_path: Path):
+    """Stopped at step 10 (trainer.exit_interval) and resumed: every loss and the final weights
+    equal the uninterrupted run's exactly (dropout on: the RNG state is restored too)."""
     run = tmp_path / "resumed"
-    first = train("gatortron-tiny", run, "trainer.max_steps=20", "checkpoint.save_interval=5",
+    first = train(recipe, run, "trainer.max_steps=20", "checkpoint.save_interval=5",
                   "trainer.exit_interval=10", "logging.plot=false")
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_10", first.stdout[-2000:]
-    out = train("gatortron-tiny", run, "trainer.max_steps=20", "checkpoint.save_interval=5", "logging.plot=false")
+    out = train(recipe, run, "trainer.max_steps=20", "checkpoint.save_interval=5", "logging.plot=false")
     assert "resumed from" in out.stdout
-    assert losses(run) == losses(gatortron_straight)  # exact float equality, every step
+    assert_bitwise_same_run(run, straight(recipe))  # exact float equality, every step and every weight

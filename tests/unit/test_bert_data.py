@@ -221,6 +221,45 @@ def test_with_real_wordpiece_tokenizer(tmp_path):
     assert words[:2] in (["the", "king"], ["long", "live"], ["who", "goes"], ["a", "friend"], ["part", "0"])
 
 
+def test_pair_task_from_config(tmp_path):
+    """``data.bert_pair_task`` reaches the run's datasets: nsp (bert-tiny) and sop give the same
+    groups, labels and true pairs, but a "random" pair's B is the swapped A side (sop, same
+    document) or text from another document (nsp)."""
+    from toolkit.config import load_config
+    from toolkit.data.bert_dataset import bert_datasets_for_run
+    from toolkit.errors import ConfigError
+    from toolkit.tokenization import load_tokenizer
+
+    tok = load_tokenizer("english-wordpiece")
+    src = tmp_path / "docs.jsonl"
+    words = ["king", "river", "stone", "garden", "winter", "music", "doctor", "island"]
+    src.write_text("".join(f'{{"text": "The {w} is old. A {w} was seen. Every {w} sleeps. No {w} is here."}}\n'
+                           for w in words))
+    preprocess([src], tmp_path / "docs", tok, progress=False)
+    common = ["model.seq_length=32", "data.splits_string=1,0,0", f"data.index_cache_dir={tmp_path}"]
+    nsp_cfg = load_config("bert-tiny", common)
+    sop_cfg = load_config("bert-tiny", [*common, "data.bert_pair_task=sop"])
+    assert nsp_cfg.data.bert_pair_task == "nsp" and load_config("gatortron-tiny").data.bert_pair_task == "sop"
+    nsp = bert_datasets_for_run(nsp_cfg, tok, [str(tmp_path / "docs")], (60, 0, 0))[0]
+    sop = bert_datasets_for_run(sop_cfg, tok, [str(tmp_path / "docs")], (60, 0, 0))[0]
+    assert (nsp.pair_task, sop.pair_task) == ("nsp", "sop")
+    doc_word = lambda ids: {t for t in tok.decode(ids).split() if t in words}  # noqa: E731
+    differ = 0
+    for i in range(60):
+        a, b = nsp[i], sop[i]
+        assert a["is_random"] == b["is_random"]
+        (na, nb), (sa, sb) = segments_of(a), segments_of(b)
+        if a["is_random"] == 0:
+            assert all((a[k] == b[k]).all() for k in a)  # true pairs: same sample either way
+        else:
+            differ += 1
+            assert len(doc_word(sa) | doc_word(sb)) == 1  # sop: both halves of one document, swapped
+            assert len(doc_word(na) | doc_word(nb)) == 2  # nsp: B from another document
+    assert differ > 10
+    with pytest.raises(ConfigError, match="did you mean 'nsp'"):
+        load_config("bert-tiny", ["data.bert_pair_task=nsq"])
+
+
 def test_bert_needs_bert_special_tokens():
     from toolkit.errors import ConfigError
     from toolkit.tokenization import load_tokenizer

@@ -22,6 +22,7 @@ Sample ``i`` is a pure function of ``(seed, i)`` and those tables (its RNG is
 * the group is split at a random segment boundary into A and B; with probability 0.5 the pair is
   made "random" (label 1): ``pair_task="sop"`` swaps A and B (Megatron-BERT's sentence-order task),
   ``"nsp"`` replaces B by segments from another document (original BERT's next-sentence task);
+  a run takes it from ``data.bert_pair_task``;
 * the pair is truncated to ``seq_length - 3`` tokens by dropping tokens from the longer side, at
   its front or back at random, and laid out as ``[CLS] A [SEP] B [SEP]`` with token types 0 for
   ``[CLS] A [SEP]`` and 1 for ``B [SEP]`` (without the binary head: ``[CLS] A [SEP]``, all type 0);
@@ -372,12 +373,12 @@ def build_bert_datasets(data_prefix: Sequence[Any] | str, *, info: BertTokenInfo
                                                         name=name, **options))
 
 
-def bert_datasets_for_run(cfg: Any, tokenizer: Any, prefixes: list, num_samples: tuple[int, int, int],
-                          pair_task: str = "sop"):
-    """The ``FamilySpec.datasets`` builder: ``(cfg, tokenizer, prefixes, num_samples) -> (train, valid, test)``."""
+def bert_datasets_for_run(cfg: Any, tokenizer: Any, prefixes: list, num_samples: tuple[int, int, int]):
+    """The ``FamilySpec.datasets`` builder: ``(cfg, tokenizer, prefixes, num_samples) -> (train, valid, test)``;
+    the sentence-pair task is ``data.bert_pair_task``."""
     d, m = cfg.data, cfg.model
     return build_bert_datasets(prefixes, info=BertTokenInfo.from_tokenizer(tokenizer), splits_string=d.splits_string,
                                seq_length=m.seq_length, seed=cfg.trainer.seed, num_samples=num_samples,
                                cache_dir=d.index_cache_dir, masked_lm_prob=d.masked_lm_prob,
                                short_seq_prob=d.short_seq_prob, whole_word_masking=d.whole_word_masking,
-                               binary_head=m.bert_binary_head, pair_task=pair_task)
+                               binary_head=m.bert_binary_head, pair_task=d.bert_pair_task)
