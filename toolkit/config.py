@@ -15,7 +15,7 @@ from typing import Any, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from toolkit.errors import ConfigError, RecipeError, closest
+from toolkit.errors import ConfigError, RecipeError, closest, first_line
 
 
 @dataclass
@@ -267,7 +267,7 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     try:
         cfg = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as e:
-        raise ConfigError(f"command-line overrides: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"command-line overrides: {first_line(e)}") from None
     _check_keys(cfg, "command line")
     return cfg
 
@@ -281,7 +281,7 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) ->
         try:
             layer = OmegaConf.load(path)
         except Exception as e:  # YAML syntax errors
-            raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"{path}: cannot parse YAML: {first_line(e)}") from None
         if not isinstance(layer, DictConfig):
             raise ConfigError(f"{path}: a recipe must be a mapping of config sections")
         lines = _key_lines(path)
@@ -298,7 +298,7 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) ->
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or ""
             at = f"{where}:{lines[key]}" if key in lines else where
-            msg = str(e).splitlines()[0]
+            msg = first_line(e)
             raise ConfigError(f"{at}: invalid value for '{key}': {msg}") from None
     cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg)

@@ -43,3 +43,10 @@ def closest(name: str, candidates) -> str | None:
 
     matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
     return matches[0] if matches else None
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty): what a
+    one-line user error quotes from a library's exception."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

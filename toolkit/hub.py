@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from toolkit.checkpoint.provenance import PROVENANCE_FILE, read_provenance
-from toolkit.errors import MegaforgeError
+from toolkit.errors import MegaforgeError, first_line
 from toolkit.model_card import CardOptions, ModelInfo, build_card
 
 CARD_FILE = "README.md"
@@ -119,7 +119,7 @@ def _check_loads(transformers, folder: Path) -> ModelInfo:
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as e:
-        raise PublishError(f"{folder / 'config.json'} does not load with transformers: {_first_line(e)}") from None
+        raise PublishError(f"{folder / 'config.json'} does not load with transformers: {first_line(e)}") from None
     architecture = (getattr(config, "architectures", None) or [None])[0]
     match = next(((auto, tag) for suffix, auto, tag in _AUTO_CLASSES if architecture and architecture.endswith(suffix)),
                  None)
@@ -134,7 +134,7 @@ def _check_loads(transformers, folder: Path) -> ModelInfo:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
         ids = tokenizer(PROBE_TEXT)["input_ids"]
     except Exception as e:
-        raise PublishError(f"the tokenizer in {folder} does not load with transformers ({_first_line(e)}); "
+        raise PublishError(f"the tokenizer in {folder} does not load with transformers ({first_line(e)}); "
                            "export the run with its tokenizer/ folder present") from None
     if not ids:
         raise PublishError(f"the tokenizer in {folder} turns {PROBE_TEXT!r} into no tokens; its files are incomplete")
@@ -144,7 +144,7 @@ def _check_loads(transformers, folder: Path) -> ModelInfo:
             folder, local_files_only=True, output_loading_info=True, **dtype_kw)
     except Exception as e:
         raise PublishError(f"the weights in {folder} do not load with transformers.{auto_class}: "
-                           f"{_first_line(e)}") from None
+                           f"{first_line(e)}") from None
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         bad = sorted(str(k) for k in report.get(kind) or [])
         if bad:
@@ -291,7 +291,7 @@ def _upload(plan: PublishPlan, info: ModelInfo, endpoint: str, commit_message: s
         status = getattr(getattr(e, "response", None), "status_code", None)
         hint = {401: "; log in with `hf auth login` or set HF_TOKEN to a token with write access",
                 403: "; the token has no write access to this namespace"}.get(status, "")
-        raise PublishError(f"publishing to {where} failed: {_first_line(e)}{hint}") from None
+        raise PublishError(f"publishing to {where} failed: {first_line(e)}{hint}") from None
     return commit.commit_url
 
 
@@ -328,7 +328,3 @@ def _human(n: int) -> str:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

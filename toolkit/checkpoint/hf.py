@@ -38,7 +38,7 @@ from toolkit.checkpoint.native import is_complete
 from toolkit.checkpoint.plan_runner import DTYPES, StepCache, parse_dtype, plan_metas, stream_steps
 from toolkit.checkpoint.streaming import AliasedSource, DCPSource, SafetensorsSource, TensorSource, write_safetensors
 from toolkit.config import ModelConfig, load_config
-from toolkit.errors import CheckpointError
+from toolkit.errors import CheckpointError, first_line
 from toolkit.models.common.embeddings import padded_vocab_size
 
 __all__ = [  # the conversion API, including what megaforge_folder and plan_runner hold
@@ -165,7 +165,7 @@ def resolve_hf_source(src: str | Path, *, revision: str | None = None) -> Path:
     try:
         return Path(snapshot_download(repo_id=str(src), revision=revision, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # network, auth, missing repo
-        raise CheckpointError(f"cannot download {src} from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot download {src} from the Hugging Face Hub: {first_line(e)}") from None
 
 
 def _is_hub_id(src: str | Path) -> bool:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 import torch
 
 from toolkit.config import ModelConfig
-from toolkit.errors import CheckpointError
+from toolkit.errors import CheckpointError, first_line
 from toolkit.models.common.embeddings import padded_vocab_size
 from toolkit.models.common.layer import head_dim
 
@@ -192,7 +192,7 @@ class Step:
             out = fn(list(tensors), ctx)
         except (RuntimeError, ValueError, IndexError) as e:
             shapes = ", ".join(f"{n} {tuple(x.shape)}" for n, x in zip(self.src, tensors))
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = first_line(e)
             raise CheckpointError(f"cannot convert {shapes} ({self.transform}): {msg}") from None
         if len(out) != len(self.dst):
             raise RuntimeError(f"transform {self.transform} returned {len(out)} tensors for {self.dst}")

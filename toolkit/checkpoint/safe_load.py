@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from toolkit.errors import CheckpointError
+from toolkit.errors import CheckpointError, first_line
 
 #: module prefixes whose classes are replaced by inert placeholders instead of being imported
 PLACEHOLDER_PREFIXES = ("megatron.", "transformer_engine.", "apex.")
@@ -60,7 +60,7 @@ def safe_load(path: str | Path) -> Any:
     try:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({first_line(e)})") from None
     allowed = _allowed_names()
     extra: list = []
     for name in needed:
@@ -80,9 +80,5 @@ def safe_load(path: str | Path) -> Any:
                     raise
                 return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot load safely ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: cannot load safely ({first_line(e)})") from None
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from toolkit.checkpoint.native import LATEST, TRAINER_STATE
-from toolkit.errors import CheckpointError
+from toolkit.errors import CheckpointError, first_line
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -72,7 +72,7 @@ class DCPSource:
         try:
             md = FileSystemReader(str(self.path)).read_metadata()
         except Exception as e:  # missing or corrupt .metadata
-            raise CheckpointError(f"cannot read DCP metadata of {self.path} ({_first_line(e)}); "
+            raise CheckpointError(f"cannot read DCP metadata of {self.path} ({first_line(e)}); "
                                   "is it a complete megaforge checkpoint?") from None
         self._meta = {k[len(prefix):]: meta_tensor(v.size, v.properties.dtype)
                       for k, v in md.state_dict_metadata.items()
@@ -91,7 +91,7 @@ class DCPSource:
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(state, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
         except Exception as e:
-            raise CheckpointError(f"cannot read {', '.join(names)} from {self.path}: {_first_line(e)}") from None
+            raise CheckpointError(f"cannot read {', '.join(names)} from {self.path}: {first_line(e)}") from None
         return [state[self.prefix + n] for n in names]
 
 
@@ -128,7 +128,7 @@ class SafetensorsSource:
                     self._tensors[name] = (path, data_start + e["data_offsets"][0],
                                            meta_tensor(e["shape"], _FROM_SAFETENSORS[e["dtype"]]))
             except Exception as e:
-                raise CheckpointError(f"cannot open {path}: {_first_line(e)}") from None
+                raise CheckpointError(f"cannot open {path}: {first_line(e)}") from None
         missing = sorted(set(weight_map) - set(self._tensors))
         if missing:
             raise CheckpointError(f"{index} lists '{missing[0]}' but no shard holds it; the download is incomplete")
@@ -334,7 +334,3 @@ def write_dcp_checkpoint(checkpoints: str | Path, step: int, metas: Mapping[str,
     os.replace(pointer, checkpoints / LATEST)
     return final
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

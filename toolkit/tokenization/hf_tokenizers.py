@@ -11,7 +11,7 @@ from typing import Sequence
 from tokenizers import Tokenizer as HFTokenizerObject
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-from toolkit.errors import TokenizerError
+from toolkit.errors import TokenizerError, first_line
 from toolkit.tokenization.base import SPECIAL_NAMES, Tokenizer, detect_special_ids
 
 #: the file every Hugging Face tokenizer folder holds
@@ -25,10 +25,6 @@ _COMPANIONS = (TOKENIZER_CONFIG, "special_tokens_map.json")
 #: BERT's special tokens, in the order a WordPiece vocabulary usually lists them
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class HFTokenizer(Tokenizer):
@@ -63,7 +59,7 @@ class HFTokenizer(Tokenizer):
             tok = HFTokenizerObject.from_file(str(path))
         except Exception as exc:  # the Rust side raises plain Exception with a serde message
             raise TokenizerError(
-                f"{path} is corrupt or not a Hugging Face tokenizer.json ({_first_line(exc)}); "
+                f"{path} is corrupt or not a Hugging Face tokenizer.json ({first_line(exc)}); "
                 "re-copy or re-train the tokenizer"
             ) from None
         return cls(tok, path=path, lowercase=_read_do_lower_case(path.parent))
@@ -81,7 +77,7 @@ class HFTokenizer(Tokenizer):
         except FileNotFoundError:
             raise TokenizerError(f"WordPiece vocabulary not found: {vocab_file}; check the path") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise TokenizerError(f"cannot read WordPiece vocabulary {vocab_file} ({_first_line(exc)})") from None
+            raise TokenizerError(f"cannot read WordPiece vocabulary {vocab_file} ({first_line(exc)})") from None
         vocab: dict[str, int] = {}
         for i, line in enumerate(lines):
             token = line.rstrip("\r\n")

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import sentencepiece as spm
 
-from toolkit.errors import TokenizerError
+from toolkit.errors import TokenizerError, first_line
 from toolkit.tokenization.base import Tokenizer, detect_special_ids
 
 #: file name :meth:`SentencePieceTokenizer.save` writes the model under
@@ -30,7 +30,7 @@ class SentencePieceTokenizer(Tokenizer):
             self._sp = spm.SentencePieceProcessor()
             self._sp.LoadFromSerializedProto(model)
         except Exception as exc:  # the library raises RuntimeError/OSError with C++ messages
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = first_line(exc)
             raise TokenizerError(
                 f"SentencePiece model {where} is corrupt or not a SentencePiece model ({msg}); "
                 "re-copy or re-train the tokenizer"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from toolkit.assets import corpora_dir, tokenizers_dir
-from toolkit.errors import ConfigError, DataError, TokenizerError, closest
+from toolkit.errors import ConfigError, DataError, TokenizerError, closest, first_line
 from toolkit.tokenization.base import Tokenizer
 from toolkit.tokenization.hf_tokenizers import HFTokenizer, build_wordpiece
 from toolkit.tokenization.spm import SentencePieceTokenizer
@@ -260,7 +260,7 @@ def _train_sentencepiece(spec: TokenizerSpec, docs: Iterator[str], normalization
     except (RuntimeError, OSError) as exc:
         if failure:
             raise failure[0] from None
-        raise TokenizerError(f"SentencePiece training of {spec.name!r} failed: {str(exc).strip().splitlines()[0]}") from None
+        raise TokenizerError(f"SentencePiece training of {spec.name!r} failed: {first_line(exc)}") from None
     return SentencePieceTokenizer(model.getvalue())
 
 
