@@ -25,8 +25,15 @@ class Precision:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def state_dict(self) -> dict:
-        return {"loss_scale": float(self.scaler.get_scale())} if self.scaler.is_enabled() else {}
+        """The loss scaler's state (scale and growth tracker; JSON-serializable), empty unless fp16."""
+        if not self.scaler.is_enabled():
+            return {}
+        return {k: (float(v) if isinstance(v, float) else int(v)) for k, v in self.scaler.state_dict().items()}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.scaler.is_enabled() and "loss_scale" in state:
-            self.scaler.update(new_scale=float(state["loss_scale"]))
+        """Restore the scaler so a resumed fp16 run scales (and grows the scale) exactly as before."""
+        if not self.scaler.is_enabled() or not state:
+            return
+        if "loss_scale" in state:  # checkpoints written before the growth tracker was saved
+            state = {**self.scaler.state_dict(), "scale": float(state["loss_scale"])}
+        self.scaler.load_state_dict(state)
