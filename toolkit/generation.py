@@ -58,12 +58,67 @@ def generate(model: nn.Module, prompt: torch.Tensor, *, max_new_tokens: int, tem
     return torch.stack(out, dim=1) if out else prompt.new_zeros(b, 0)
 
 
+@torch.no_grad()
+def generate_pipelined(pipeline, prompt: torch.Tensor, *, max_new_tokens: int, temperature: float = 1.0,
+                       top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+                       seed: int | None = None) -> torch.Tensor:
+    """:func:`generate` across the stages of a pipeline (``toolkit.parallel.pipeline.Pipeline``) —
+    collective over every rank of the job, each with the same ``prompt`` [b, s].
+
+    Each stage keeps the KV caches of its own layers; hidden states [b, n, hidden] go stage to stage
+    with send/recv over the pipeline group; the last stage samples and broadcasts each token to the
+    pipeline. Needs tensor_model_parallel_size = 1 (data-parallel replicas run in lockstep).
+    Returns the new ids [b, n] on every rank.
+    """
+    import torch.distributed as dist
+
+    parts = dict(zip(pipeline.stage_indices, pipeline.parts))
+    first = pipeline.parts[0]
+    cfg, group, pp = first.cfg, pipeline.group, pipeline.pp_size
+    b, s = prompt.shape
+    max_len = min(s + max_new_tokens, cfg.max_position_embeddings or cfg.seq_length) \
+        if cfg.position_embedding_type == "learned_absolute" else s + max_new_tokens
+    max_new_tokens = max(0, max_len - s)
+    dtype = next(first.parameters()).dtype
+    for part in pipeline.parts:
+        part.eval()
+    caches = {i: part.new_caches(b, max_len, device=prompt.device, dtype=dtype) for i, part in parts.items()}
+    gen = torch.Generator(device=prompt.device).manual_seed(seed) if seed is not None else None
+    tokens, start, out = prompt, 0, []
+    done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+    for i in range(max_new_tokens):
+        h = None
+        nxt = torch.empty(b, dtype=torch.long, device=prompt.device)
+        for stage in range(pipeline.num_stages):  # stage s runs on pipeline rank s % pp
+            if stage not in parts:
+                continue
+            if stage == 0:
+                h = tokens
+            else:  # from the previous stage, on another pipeline rank (pp > 1)
+                h = torch.empty(b, tokens.shape[1], cfg.hidden_size, dtype=dtype, device=prompt.device)
+                dist.recv(h, group=group, group_src=(stage - 1) % pp)
+            h = parts[stage](h, start_pos=start, caches=caches[stage])
+            if stage < pipeline.num_stages - 1:
+                dist.send(h.contiguous(), group=group, group_dst=(stage + 1) % pp)
+            else:
+                nxt = sample_next(h[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+        dist.broadcast(nxt, group=group, group_src=(pipeline.num_stages - 1) % pp)
+        out.append(nxt)
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if bool(done.all()):
+                break
+        tokens, start = nxt[:, None], start + tokens.shape[1]
+    return torch.stack(out, dim=1) if out else prompt.new_zeros(b, 0)
+
+
 def generate_text(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 50, device=None,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   seed: int | None = None) -> str:
     """Continue ``prompt`` text (decoder-only), or answer it (encoder–decoder: the prompt is the
-    encoder input, as T5 fills ``<extra_id_0>`` spans); returns only the generated text."""
-    device = device or next(model.parameters()).device
+    encoder input, as T5 fills ``<extra_id_0>`` spans); returns only the generated text. ``model``
+    may be a pipeline (``toolkit.parallel.pipeline.Pipeline``): see :func:`generate_pipelined`."""
+    device = device or (model.device if hasattr(model, "stage_indices") else next(model.parameters()).device)
     if getattr(model, "is_encoder_decoder", False):
         from toolkit.models.t5.generation import generate_seq2seq
 
@@ -76,11 +131,12 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: i
                                               generator=gen),
         )[0].tolist()
         stop = tokenizer.eos_id
-    elif hasattr(model, "new_caches"):
+    elif hasattr(model, "new_caches") or hasattr(model, "stage_indices"):  # a model, or a pipeline of stages
         ids = tokenizer.encode(prompt) or [tokenizer.eod_id]
-        new = generate(model, torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
-                       eos_id=tokenizer.eod_id, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=seed)[0].tolist()
+        run = generate_pipelined if hasattr(model, "stage_indices") else generate
+        new = run(model, torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
+                  eos_id=tokenizer.eod_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                  seed=seed)[0].tolist()
         stop = tokenizer.eod_id
     else:
         from toolkit.errors import ConfigError

@@ -50,6 +50,18 @@ def train_ok(run_dir: Path, nproc: int, *overrides: str) -> Path:
     return run_dir
 
 
+def train_recipe_ok(recipe: str, run_dir: Path, nproc: int, *overrides: str, timeout: int = 300) -> Path:
+    """``megaforge train RECIPE OVERRIDES`` in one process (nproc=1) or under torchrun; asserts it succeeded."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "toolkit"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+        str(_free_port()), "-m", "toolkit"]
+    cmd += ["train", recipe, *overrides, f"trainer.run_dir={run_dir}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return run_dir
+
+
 def _free_port() -> int:
     import socket
 

@@ -18,7 +18,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,9 +26,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_state_dict,
+    get_model_state_dict,
+    get_optimizer_state_dict,
     set_model_state_dict,
-    set_state_dict,
+    set_optimizer_state_dict,
 )
 
 from toolkit.errors import CheckpointError
@@ -116,9 +117,13 @@ class CheckpointManager:
         _barrier()
 
     # ---- saving --------------------------------------------------------------------------
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+    def save(self, step: int, model: nn.Module | Sequence[nn.Module],
+             optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
              trainer_state: dict[str, Any], *, process_group=None) -> Path:
-        """Collective over all ranks: write ``step_<step>`` atomically and move ``latest`` to it."""
+        """Collective over all ranks: write ``step_<step>`` atomically and move ``latest`` to it.
+
+        ``model``/``optimizer``: one module and its optimizer, or this rank's pipeline stage modules
+        and one optimizer per stage module (see :func:`app_state`)."""
         final = self.folder / f"step_{step}"
         tmp = self.folder / f"step_{step}.tmp"
         if _rank() == 0:
@@ -149,7 +154,8 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
 
     # ---- loading -------------------------------------------------------------------------
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+    def load(self, path: Path, model: nn.Module | Sequence[nn.Module],
+             optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
              *, process_group=None) -> dict:
         """Load model (and optimizer) state in place from ``path``; returns its trainer state."""
         from toolkit.checkpoint.reshard import apply_padding_fixes, prepare_padding_fixes, saved_tensor_shapes
@@ -165,11 +171,7 @@ class CheckpointManager:
             raise CheckpointError(f"cannot load checkpoint {path}: {_first_line(e)}; was it written by a "
                                   "different model configuration?") from None
         trainer_state["repadded"] = apply_padding_fixes(fixes)
-        if optimizer is None:
-            set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
-        else:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                           options=StateDictOptions(strict=True))
+        set_app_state(model, optimizer, state)
         return trainer_state
 
 
@@ -179,12 +181,53 @@ def _vocab_size(model) -> int | None:
     return getattr(first, "vocab_size", None)
 
 
-def app_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """``{"model": ..., "optim": ...}`` with fully qualified single-device names (DTensors kept sharded)."""
+# Optimizer state is flattened to one key per parameter and field ("state.<name>.exp_avg",
+# "param_groups.<name>.lr"), as torchtitan does: pipeline stages hold different parameters, and a
+# nested "param_groups" list would be one key with a different value on each stage.
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _parts(model, optimizer) -> tuple[list[nn.Module], list[torch.optim.Optimizer] | None]:
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
     if optimizer is None:
-        return {"model": get_state_dict(model, [])[0]}
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optim": optim_sd}
+        return models, None
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    if len(optimizers) != len(models):
+        raise ValueError(f"{len(models)} model parts but {len(optimizers)} optimizers; give one optimizer per part")
+    return models, optimizers
+
+
+def app_state(model: nn.Module | Sequence[nn.Module],
+              optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None) -> dict[str, Any]:
+    """``{"model": ..., "optim": ...}`` with fully qualified single-device names (DTensors kept sharded).
+
+    ``model`` may be a list of parts (the pipeline stages a rank holds) with one optimizer per part:
+    their state dicts are merged (parts hold disjoint names).
+    """
+    models, optimizers = _parts(model, optimizer)
+    state: dict[str, Any] = {"model": {}}
+    for part in models:
+        state["model"].update(get_model_state_dict(part))
+    if optimizers is not None:
+        state["optim"] = {}
+        for part, opt in zip(models, optimizers):
+            state["optim"].update(get_optimizer_state_dict(part, opt, options=_OPTIM_OPTIONS))
+    return state
+
+
+def set_app_state(model: nn.Module | Sequence[nn.Module],
+                  optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
+                  state: dict[str, Any]) -> None:
+    """Load a loaded :func:`app_state` dict back into the parts (each strictly takes its own keys)."""
+    models, optimizers = _parts(model, optimizer)
+    for i, part in enumerate(models):
+        own = get_model_state_dict(part).keys() if len(models) > 1 else state["model"].keys()
+        set_model_state_dict(part, {k: state["model"][k] for k in own}, options=StateDictOptions(strict=True))
+        if optimizers is not None:
+            own = (get_optimizer_state_dict(part, optimizers[i], options=_OPTIM_OPTIONS).keys()
+                   if len(models) > 1 else state["optim"].keys())
+            set_optimizer_state_dict(part, optimizers[i], {k: state["optim"][k] for k in own},
+                                     options=_OPTIM_OPTIONS)
 
 
 def load_model_weights(path: str | Path, model: nn.Module, *, process_group=None) -> dict:

@@ -2,12 +2,15 @@
 
 Each rank adds the squared norm of its local gradient shards, weighted so that a tensor held in
 ``k`` identical copies across the ranks of its pipeline stage counts once; one all-reduce over
-the world gives the squared norm of the full model (all pipeline stages included).
+the world gives the squared norm of the full model (all pipeline stages included). A parameter
+that several pipeline stages hold (a tied word embedding copied onto the last stage) is left out
+of the norm on all but one stage (``exclude_from_norm``) and clipped everywhere.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Collection
 
 import torch
 import torch.distributed as dist
@@ -34,10 +37,12 @@ def _distinct_shards(t: torch.Tensor) -> int:
 
 @torch.no_grad()
 def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, *, stage_size: int,
-                    group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                    group: dist.ProcessGroup | None = None,
+                    exclude_from_norm: Collection[int] = ()) -> torch.Tensor:
     """Clip in place to global L2 norm ``max_norm`` (``inf`` → only measure); returns the norm.
 
-    ``stage_size``: ranks holding one pipeline stage (world / pp); ``group``: all ranks (default).
+    ``stage_size``: ranks holding one pipeline stage (world / pp); ``group``: all ranks (default);
+    ``exclude_from_norm``: ``id`` of parameters another pipeline stage counts (clipped, not counted).
     """
     device = None
     total = None
@@ -49,6 +54,8 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, *, stage_
             p.grad = grad
         local = grad.to_local() if isinstance(grad, DTensor) else grad
         device = local.device
+        if id(p) in exclude_from_norm:
+            continue
         sq = local.detach().double().pow(2).sum() * _distinct_shards(grad)
         total = sq if total is None else total + sq
     if total is None:

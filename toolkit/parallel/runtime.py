@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Collection
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,7 @@ class ParallelRuntime:
     device: torch.device
     sequence_parallel: bool = False
     data_parallel_sharding: str = "optimizer_and_grads"
+    pipeline_schedule: str = "1f1b"  # parallel.pipeline_schedule (see toolkit.parallel.pipeline)
 
     @property
     def dp_rank(self) -> int:
@@ -42,6 +44,10 @@ class ParallelRuntime:
     @property
     def tp_rank(self) -> int:
         return self.mesh["tp"].get_local_rank()
+
+    @property
+    def pp_rank(self) -> int:
+        return self.mesh["pp"].get_local_rank()
 
     @property
     def is_logging_rank(self) -> bool:
@@ -70,6 +76,18 @@ class ParallelRuntime:
             apply_data_parallel(model, self.mesh["dp"], self.data_parallel_sharding, blocks)
         return model
 
+    def build_pipeline(self, model: nn.Module, split, tp_plan=None, recompute: str = "none"):
+        """Split ``model`` into this rank's pipeline stages and parallelize each (TP → recompute → dp).
+
+        ``split``: the family's ``(model, layer_ids, *, first, last) -> stage`` (see
+        ``toolkit.registry.pipeline_split``). Returns a :class:`toolkit.parallel.pipeline.Pipeline`;
+        its ``parts`` are the stage modules this rank trains.
+        """
+        from toolkit.parallel.pipeline import build_pipeline
+
+        return build_pipeline(model, split, mesh=self.mesh, vpp=self.dims.vpp, schedule=self.pipeline_schedule,
+                              device=self.device, parallelize=lambda part: self.parallelize(part, tp_plan, recompute))
+
     # ---- training-step helpers -----------------------------------------------------------
     def loss_context(self) -> contextlib.AbstractContextManager:
         return loss_context(self.dims.tp > 1)
@@ -78,8 +96,17 @@ class ParallelRuntime:
         if self.dims.dp > 1:
             set_grad_sync(model, enabled)
 
-    def clip_grad_norm_(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-        return clip_grad_norm_(params, max_norm, stage_size=self.dims.world_size // self.dims.pp)
+    def clip_grad_norm_(self, params: list[nn.Parameter], max_norm: float,
+                        exclude_from_norm: Collection[int] = ()) -> torch.Tensor:
+        return clip_grad_norm_(params, max_norm, stage_size=self.dims.world_size // self.dims.pp,
+                               exclude_from_norm=exclude_from_norm)
+
+    def sync_found_inf(self, scaler: torch.amp.GradScaler, optimizer) -> None:
+        """fp16: after ``scaler.unscale_``, skip the step on every rank if any rank saw inf/NaN
+        (each rank only checks the gradient shards it holds: its stage, its tp/dp shard)."""
+        found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        for flag in found.values():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
 
     def mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
         """Average a per-dp-rank scalar (a loss) over the data-parallel ranks."""
@@ -117,4 +144,5 @@ def setup(cfg: RunConfig, device: torch.device) -> ParallelRuntime:
     init_process_group(device, p.timeout_seconds)
     mesh = build_mesh(dims, device)
     return ParallelRuntime(dims=dims, mesh=mesh, rank=env.rank, device=device,
-                           sequence_parallel=p.sequence_parallel, data_parallel_sharding=p.data_parallel_sharding)
+                           sequence_parallel=p.sequence_parallel, data_parallel_sharding=p.data_parallel_sharding,
+                           pipeline_schedule=p.pipeline_schedule)

@@ -31,16 +31,20 @@ class ReplicatedParams(ParallelStyle):
 
     ``input_layout``/``output_layout``: how the module's first input/its output lie across the tp
     ranks (``Shard(1)`` along the sequence under sequence parallelism, ``Replicate()`` otherwise).
-    With ``desired_output_layout`` the output is redistributed (e.g. sequence-sharded →
-    replicated before the output layer). Outputs are plain local tensors unless
-    ``use_local_output=False``.
+    With ``desired_input_layout`` the input is redistributed before the module runs (e.g. a
+    replicated hidden state → sequence-sharded, or sequence-sharded → replicated before a pooler
+    that reads the first token); ``output_layout`` then defaults to it. With
+    ``desired_output_layout`` the output is redistributed (e.g. sequence-sharded → replicated
+    before the output layer). Outputs are plain local tensors unless ``use_local_output=False``.
     """
 
     def __init__(self, *, input_layout: Placement = Replicate(), output_layout: Placement | None = None,
-                 desired_output_layout: Placement | None = None, use_local_output: bool = True):
+                 desired_output_layout: Placement | None = None, use_local_output: bool = True,
+                 desired_input_layout: Placement | None = None):
         super().__init__()
         self.input_layout = input_layout
-        self.output_layout = output_layout or input_layout
+        self.desired_input_layout = desired_input_layout or input_layout
+        self.output_layout = output_layout or self.desired_input_layout
         self.desired_output_layout = desired_output_layout or self.output_layout
         self.use_local_output = use_local_output
 
@@ -54,8 +58,8 @@ class ReplicatedParams(ParallelStyle):
         first, *rest = inputs
         if not isinstance(first, DTensor):
             first = DTensor.from_local(first, mesh, [self.input_layout], run_check=False)
-        elif first.placements != (self.input_layout,):
-            first = first.redistribute(placements=[self.input_layout])
+        if first.placements != (self.desired_input_layout,):
+            first = first.redistribute(placements=[self.desired_input_layout])
         return (first, *rest)
 
     def _output(self, module: nn.Module, output: Any, mesh: DeviceMesh) -> Any:
@@ -67,6 +71,33 @@ class ReplicatedParams(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         return distribute_module(module, device_mesh, self._partition, self._input, self._output)
+
+
+class ShardedParams(ParallelStyle):
+    """Place a module's own parameters by name (``{"bias": Shard(0)}``), the rest ``Replicate``; no hooks.
+
+    For parameters a module uses directly rather than through a child ``nn.Linear``/``nn.Embedding``:
+    the vocab-parallel bias of a tied output layer (sharded like the word embedding it is added to),
+    or a per-head table sharded over the heads. Inputs and outputs are left as they are.
+    """
+
+    def __init__(self, placements: dict[str, Placement]):
+        super().__init__()
+        self.placements = dict(placements)
+
+    def _partition(self, name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        if name:  # children: give them their own plan entries, listed before this one
+            return
+        missing = set(self.placements) - {n for n, _ in module.named_parameters(recurse=False)}
+        if missing:
+            raise ValueError(f"{type(module).__name__} has no parameter {sorted(missing)[0]!r} to shard")
+        for pname, param in list(module.named_parameters(recurse=False)):
+            if not isinstance(param, DTensor):
+                dt = distribute_tensor(param.data, mesh, [self.placements.get(pname, Replicate())])
+                module.register_parameter(pname, nn.Parameter(dt, requires_grad=param.requires_grad))
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, self._partition)
 
 
 def apply_plan(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, ParallelStyle]) -> nn.Module:

@@ -10,7 +10,8 @@ from typing import Callable
 
 from toolkit.config import RunConfig
 from toolkit.tokenization import Tokenizer
-from toolkit.training.objectives import bert_pretraining, causal_lm, t5_span_corruption
+from toolkit.training.objectives import (BERT_PIPELINE, CAUSAL_LM_PIPELINE, PipelineObjective, bert_pretraining,
+                                         causal_lm, t5_span_corruption)
 
 
 def _gpt_datasets(cfg: RunConfig, tokenizer: Tokenizer, prefixes: list, num_samples: tuple[int, int, int]):
@@ -38,13 +39,14 @@ class FamilySpec:
     datasets: Callable  # (cfg, tokenizer, prefixes, (n_train, n_valid, n_test)) -> (train, valid, test)
     default_tokenizer: str  # shipped tokenizer used when tokenizer.path is unset
     tokens_per_sample: Callable[[RunConfig], int]  # tokens one sample trains on (for tokens/s)
+    pipeline: PipelineObjective | None = None  # the objective split for pipeline parallelism
 
 
 FAMILIES: dict[str, FamilySpec] = {
     "gpt": FamilySpec(objective=causal_lm, datasets=_gpt_datasets, default_tokenizer="english-bpe",
-                      tokens_per_sample=lambda cfg: cfg.model.seq_length),
+                      tokens_per_sample=lambda cfg: cfg.model.seq_length, pipeline=CAUSAL_LM_PIPELINE),
     "bert": FamilySpec(objective=bert_pretraining, datasets=_bert_datasets, default_tokenizer="english-wordpiece",
-                       tokens_per_sample=lambda cfg: cfg.model.seq_length),
+                       tokens_per_sample=lambda cfg: cfg.model.seq_length, pipeline=BERT_PIPELINE),
     "t5": FamilySpec(objective=t5_span_corruption, datasets=_t5_datasets, default_tokenizer="english-t5-spm",
                      tokens_per_sample=lambda cfg: cfg.model.seq_length + cfg.model.decoder_seq_length),
 }

@@ -110,6 +110,10 @@ def train(cfg: RunConfig) -> TrainResult:
     if cfg.checkpoint.init_from:
         _resolve_init_from(cfg, log=print if env.rank == 0 else None)
     validate_parallel(cfg, env.world_size)  # before any collective: a bad layout is one line, exit 2
+    if cfg.parallel.pipeline_model_parallel_size > 1 and family(cfg.model.family).pipeline is None:
+        raise ConfigError(f"model.family={cfg.model.family} has no pipeline objective (parallel."
+                          f"pipeline_model_parallel_size={cfg.parallel.pipeline_model_parallel_size}); use tensor "
+                          "or data parallelism")
     t = cfg.trainer
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -172,7 +176,16 @@ def _train(cfg: RunConfig, device: torch.device, runtime) -> TrainResult:
             train_ds, valid_ds = build_datasets(cfg, tokenizer, run_dir)
     model = build_initialized_model(cfg, device)
     n_params = model.num_parameters(exclude_positions=True)
-    if runtime is not None:
+    pipeline = None
+    if runtime is not None and runtime.dims.pp > 1:
+        # the full model is materialized and initialized on every rank (so init matches one process
+        # exactly), then split into this rank's stages; the other stages' layers are freed here
+        from toolkit.registry import pipeline_split, tensor_parallel_plan
+
+        pipeline = runtime.build_pipeline(model, pipeline_split(cfg.model.family),
+                                          tensor_parallel_plan(cfg.model.family), cfg.model.recompute_granularity)
+        model = pipeline.parts
+    elif runtime is not None:
         from toolkit.registry import tensor_parallel_plan
 
         runtime.parallelize(model, tensor_parallel_plan(cfg.model.family), cfg.model.recompute_granularity)
@@ -182,7 +195,12 @@ def _train(cfg: RunConfig, device: torch.device, runtime) -> TrainResult:
         layers = getattr(model, "layers", None)
         apply_recompute(layers.values() if isinstance(layers, torch.nn.ModuleDict) else [],
                         cfg.model.recompute_granularity)
-    optimizer = build_optimizer(model, cfg.optim)
+    if pipeline is not None:
+        from toolkit.training.trainer import PartOptimizers
+
+        optimizer = PartOptimizers([build_optimizer(part, cfg.optim) for part in model])
+    else:
+        optimizer = build_optimizer(model, cfg.optim)
     train_model = torch.compile(model) if t.compile else model
     trainer = Trainer(
         model=model,  # the plain module: checkpoints and clipping see single-device names
@@ -204,20 +222,29 @@ def _train(cfg: RunConfig, device: torch.device, runtime) -> TrainResult:
         data_parallel_size=runtime.dims.dp if runtime is not None else 1,
         is_logging_rank=logging_rank,
         parallel=runtime,
+        pipeline=pipeline,
+        pipeline_objective=spec.pipeline,
     )
     if logging_rank:
         where = f"{runtime.dims.world_size} processes, layout {runtime.layout}" if runtime is not None else device
+        if pipeline is not None:
+            where = f"{where}, {pipeline.schedule} schedule over {pipeline.num_stages} stages"
         print(f"megaforge: training {cfg.name} ({n_params / 1e6:.2f}M parameters) on {where} "
               f"→ {run_dir}", flush=True)
     result = trainer.fit()
-    if t.sample_prompt and runtime is not None and logging_rank:
-        print("megaforge: end-of-run sample skipped under torchrun; run `megaforge generate RUN_DIR`", flush=True)
+    if t.sample_prompt and runtime is not None and runtime.dims.tp > 1:
+        if logging_rank:
+            print("megaforge: end-of-run sample skipped under tensor parallelism; run `megaforge generate RUN_DIR`",
+                  flush=True)
     elif t.sample_prompt:
         from toolkit.generation import generate_text
 
-        text = generate_text(model, tokenizer, t.sample_prompt, max_new_tokens=t.sample_tokens, device=device,
-                             temperature=0.8, top_k=40, seed=t.seed)
-        print(f"\nsample> {t.sample_prompt}{text}\n", flush=True)
+        # under torchrun every rank generates in lockstep (data-parallel replicas alike; a pipeline
+        # passes hidden states stage to stage); rank 0 prints
+        text = generate_text(pipeline if pipeline is not None else model, tokenizer, t.sample_prompt,
+                             max_new_tokens=t.sample_tokens, device=device, temperature=0.8, top_k=40, seed=t.seed)
+        if logging_rank:
+            print(f"\nsample> {t.sample_prompt}{text}\n", flush=True)
     return result
 
 

@@ -3,6 +3,10 @@
 The trainer receives built objects (model, optimizer, datasets, checkpoint manager) and small
 config sections; it never reads YAML. It resumes exactly: the LR is a function of the step,
 dropout is reseeded from (seed, step), and the sampler restarts at the consumed sample count.
+
+Under pipeline parallelism ``model`` is the list of this rank's stage modules, ``optimizer`` one
+optimizer per stage module (:class:`PartOptimizers`) and ``pipeline`` drives them: one optimizer
+step is one schedule step over all micro-batches.
 """
 
 from __future__ import annotations
@@ -25,6 +29,26 @@ from toolkit.training.optim import lr_at, set_lr
 from toolkit.training.precision import Precision
 
 Objective = Callable[[nn.Module, dict], torch.Tensor]  # (model, batch on device) -> mean loss
+
+
+class PartOptimizers:
+    """One optimizer per pipeline stage module of this rank, driven as one (``step``, ``zero_grad``,
+    ``param_groups`` for the LR schedule and the loss scaler); checkpoints see the list."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
 
 
 @dataclass
@@ -76,6 +100,8 @@ class Trainer:
         data_parallel_size: int = 1,
         is_logging_rank: bool = True,
         parallel: Any | None = None,
+        pipeline: Any | None = None,
+        pipeline_objective: Any | None = None,
     ):
         self.model, self.optimizer, self.objective = model, optimizer, objective
         self.train_dataset, self.valid_dataset = train_dataset, valid_dataset
@@ -87,11 +113,24 @@ class Trainer:
         self.dp_rank, self.dp_size = data_parallel_rank, data_parallel_size
         self.is_logging_rank = is_logging_rank
         self.parallel = parallel  # toolkit.parallel.runtime.ParallelRuntime under torchrun, else None
+        self.pipeline = pipeline  # toolkit.parallel.pipeline.Pipeline when pipeline_model_parallel_size > 1
+        self.pipeline_objective = pipeline_objective  # the family's PipelineObjective (with ``pipeline``)
         self.precision = Precision(trainer_cfg.precision, device, initial_loss_scale=trainer_cfg.initial_loss_scale)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=checkpoint_cfg.keep_last)
         per_step = trainer_cfg.micro_batch_size * data_parallel_size
         self.num_microbatches = trainer_cfg.global_batch_size // per_step
         self.state = TrainState()
+
+    @property
+    def model_parts(self) -> list[nn.Module]:
+        """The stage modules of this rank under pipeline parallelism, else ``[model]``."""
+        return list(self.model) if isinstance(self.model, (list, tuple)) else [self.model]
+
+    def _checkpoint_args(self) -> tuple[Any, Any]:
+        """(model, optimizer) as the checkpoint layer takes them: lists under pipeline parallelism."""
+        if isinstance(self.optimizer, PartOptimizers):
+            return self.model_parts, self.optimizer.optimizers
+        return self.model, self.optimizer
 
     # ---- checkpoints ---------------------------------------------------------------------
     def resume(self) -> bool:
@@ -101,7 +140,7 @@ class Trainer:
         if latest is None:
             self._load_init_from()
             return False
-        state = self.checkpoints.load(latest, self.model, self.optimizer)
+        state = self.checkpoints.load(latest, *self._checkpoint_args())
         self.state = TrainState(step=int(state["step"]), consumed_samples=int(state["consumed_samples"]))
         self.precision.load_state_dict(state.get("precision", {}))
         if self.is_logging_rank:
@@ -118,7 +157,7 @@ class Trainer:
         if not self.ckpt_cfg.init_from:
             return
         source = Path(self.ckpt_cfg.init_from)
-        state = self.checkpoints.load(source, self.model, None)
+        state = self.checkpoints.load(source, self._checkpoint_args()[0], None)
         if self.is_logging_rank:
             padded = f"; vocabulary padding re-laid in {len(state['repadded'])} tensors" if state.get("repadded") else ""
             print(f"initialized the weights from {source}{padded}", flush=True)
@@ -131,7 +170,7 @@ class Trainer:
             "precision": self.precision.state_dict(),
             "seed": self.cfg.seed,
         }
-        return self.checkpoints.save(self.state.step, self.model, self.optimizer, trainer_state)
+        return self.checkpoints.save(self.state.step, *self._checkpoint_args(), trainer_state)
 
     # ---- data ----------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, consumed: int, total: int) -> DataLoader:
@@ -148,9 +187,13 @@ class Trainer:
     def train_step(self, batches) -> tuple[float, float]:
         """Forward/backward over the micro-batches of one global batch, then one optimizer step."""
         par = self.parallel
-        # dropout differs across data-parallel ranks (rank 0 keeps the single-process stream)
-        torch.manual_seed(step_seed(self.cfg.seed, self.state.step) + self.dp_rank)
+        # dropout differs across data-parallel ranks and pipeline stages (rank 0 keeps the
+        # single-process stream; the tensor-parallel ranks of a stage share theirs)
+        pp_rank = par.pp_rank if par is not None else 0
+        torch.manual_seed(step_seed(self.cfg.seed, self.state.step) + self.dp_rank + pp_rank * self.dp_size)
         set_lr(self.optimizer, lr_at(self.state.step, self.optim_cfg, self.cfg.max_steps))
+        if self.pipeline is not None:
+            return self._pipeline_step(batches)
         scaler = self.precision.scaler
         total = torch.zeros((), device=self.device)
         for i in range(self.num_microbatches):
@@ -163,6 +206,8 @@ class Trainer:
                 scaler.scale(loss / self.num_microbatches).backward()
             total += _plain(loss).detach()
         scaler.unscale_(self.optimizer)
+        if par is not None and scaler.is_enabled():  # fp16: every rank skips the step if any saw inf
+            par.sync_found_inf(scaler, self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad > 0 else float("inf")
         if par is not None:
@@ -175,6 +220,45 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return (total / self.num_microbatches).item(), float(grad_norm)
 
+    def _pipeline_batch(self, micro_batches: list[dict]) -> tuple[tuple, dict, torch.Tensor]:
+        """Micro-batches stacked along dim 0 (the schedule splits them again), as (args, kwargs, target)."""
+        batch = {k: (torch.cat([b[k] for b in micro_batches]) if torch.is_tensor(micro_batches[0][k])
+                     else micro_batches[0][k]) for k in micro_batches[0]}  # [n_micro × micro_batch_size, ...]
+        return self.pipeline_objective.inputs(self._to_device(batch))
+
+    def _pipeline_loss(self, output: Any, target: torch.Tensor) -> torch.Tensor:
+        return self.precision.scaler.scale(self.pipeline_objective.loss(output, target))
+
+    def _pipeline_step(self, batches) -> tuple[float, float]:
+        """One schedule step over all micro-batches: gradients averaged over micro-batches and dp."""
+        par, pipe, scaler = self.parallel, self.pipeline, self.precision.scaler
+        args, kwargs, target = self._pipeline_batch([next(batches) for _ in range(self.num_microbatches)])
+        if scaler.is_enabled():  # only the last stage scales a loss; every stage unscales its gradients
+            scaler.scale(torch.zeros((), device=self.device))
+        scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0  # the losses come back scaled
+        with self._loss_context(), self.precision.autocast():
+            losses = pipe.step(args, kwargs, target, loss_fn=self._pipeline_loss,
+                               num_microbatches=self.num_microbatches)
+        pipe.sync_shared_grads()  # tied embeddings: first and last stage sum their gradients
+        scaler.unscale_(self.optimizer)
+        if scaler.is_enabled():
+            par.sync_found_inf(scaler, self.optimizer)
+        params = [p for part in self.model_parts for p in part.parameters() if p.grad is not None]
+        clip = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad > 0 else float("inf")
+        grad_norm = par.clip_grad_norm_(params, clip, exclude_from_norm=pipe.norm_exclusions())
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._pipeline_mean(losses, scale=scale), float(grad_norm)
+
+    def _pipeline_mean(self, losses: list[torch.Tensor] | None, *, scale: float = 1.0) -> float:
+        """Mean of the last stage's micro-batch losses, then over dp, on every rank."""
+        total = torch.zeros((), device=self.device)
+        for loss in losses or []:  # summed in micro-batch order, as train_step does
+            total += _plain(loss).detach().float() / scale
+        total = self.parallel.mean_over_dp(total / max(1, len(losses or [])))
+        return self.pipeline.from_last_stage(total).item()
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean loss over the first ``eval_iters`` micro-batches of the validation set."""
@@ -184,7 +268,17 @@ class Trainer:
         total = min(total, len(self.valid_dataset))
         if total < self.cfg.micro_batch_size * self.dp_size:
             return None
-        self.model.eval()
+        for part in self.model_parts:
+            part.eval()
+        if self.pipeline is not None:
+            micro_batches = list(self._loader(self.valid_dataset, 0, total))
+            args, kwargs, target = self._pipeline_batch(micro_batches)
+            with self._loss_context(), self.precision.autocast():
+                stage_losses = self.pipeline.evaluate(args, kwargs, target, loss_fn=self.pipeline_objective.loss,
+                                                      num_microbatches=len(micro_batches))
+            for part in self.model_parts:
+                part.train()
+            return self._pipeline_mean(stage_losses)
         losses = []
         for batch in self._loader(self.valid_dataset, 0, total):
             with self._loss_context(), self.precision.autocast():
@@ -218,7 +312,8 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="train", dynamic_ncols=True, mininterval=1.0,
                    disable=not (self.is_logging_rank and self.log_cfg.progress_bar))
         result = TrainResult(run_dir=self.run_dir, steps=self.state.step)
-        self.model.train()
+        for part in self.model_parts:
+            part.train()
         tokens_per_step = cfg.global_batch_size * self.seq_length
         while self.state.step < cfg.max_steps:
             if self.parallel is not None:

@@ -33,8 +33,8 @@ the same tensor (``BertForPreTraining`` / ``MegatronBertForPreTraining``; ``L = 
 
 The MLM output projection is tied to ``embed.tokens.weight`` (HF ``cls.predictions.decoder.weight``).
 ``layers`` is a ModuleDict keyed by the global layer index, so a pipeline stage that keeps only
-some layers keeps the same names; ``q/k/v/out`` and ``fc1/fc2`` are the same linears GPT uses, so
-the same tensor-parallel plan applies.
+some layers keeps the same names; ``q/k/v/out`` and ``fc1/fc2`` are the same linears GPT uses and
+are sharded the same way (``toolkit/models/bert/parallelize.py``).
 """
 
 from __future__ import annotations
@@ -119,6 +119,9 @@ class BertModel(nn.Module):
         self.pooler: BertPooler | None = BertPooler(cfg.hidden_size) if cfg.bert_binary_head else None
         self.lm_head: BertLMHead | None = BertLMHead(cfg, self.padded_vocab_size)
         self.binary_head: nn.Linear | None = nn.Linear(cfg.hidden_size, 2) if cfg.bert_binary_head else None
+        # set on a pipeline stage (``pipeline_split_bert``): forward returns tensors, not the dict —
+        # hidden states [b, s, hidden] before the last stage, ``(mlm_logits, [binary_logits])`` on it
+        self.pipeline_stage = False
 
     def init_weights(self, seed: int = 0) -> None:
         """Megatron init from ``seed`` (identical on any device): normal(std) for linears and
@@ -143,8 +146,10 @@ class BertModel(nn.Module):
 
     def encode(self, tokens: torch.Tensor, token_types: torch.Tensor | None = None,
                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final hidden states [b, s, hidden] (after the final norm in pre-LN mode)."""
-        h = self.embed(tokens, token_types) if self.embed is not None else tokens
+        """Final hidden states [b, s, hidden] (after the final norm in pre-LN mode); on a pipeline stage
+        the hidden states after its layers (``tokens`` are then hidden states on a later stage)."""
+        # (a last pipeline stage may hold the word embedding only as its tied MLM projection)
+        h = tokens if tokens.is_floating_point() or self.embed is None else self.embed(tokens, token_types)
         mask = self.attention_mask(padding_mask)
         for layer in self.layers.values():
             h = layer(h, attn_mask=mask)
@@ -155,21 +160,29 @@ class BertModel(nn.Module):
         tokens: torch.Tensor,  # [b, s] token ids, or [b, s, hidden] hidden states on a later pipeline stage
         token_types: torch.Tensor | None = None,  # [b, s] segment ids (0 = A, 1 = B); None → all 0
         padding_mask: torch.Tensor | None = None,  # [b, s] 1/True = real token, 0 = padding; None → no padding
-    ) -> dict[str, torch.Tensor | None]:
+    ) -> dict[str, torch.Tensor | None] | torch.Tensor | tuple[torch.Tensor, ...]:
         """``{"mlm_logits": [b, s, padded_vocab] (padded columns -inf), "binary_logits": [b, 2] or None,
-        "hidden": [b, s, hidden]}``."""
+        "hidden": [b, s, hidden]}``; on a pipeline stage, see ``pipeline_stage``."""
         h = self.encode(tokens, token_types, padding_mask)
+        if self.pipeline_stage and self.lm_head is None:
+            return h  # to the next stage
         out: dict[str, torch.Tensor | None] = {"hidden": h, "mlm_logits": None, "binary_logits": None}
         if self.lm_head is not None:
             out["mlm_logits"] = self.mask_padded_vocab(self.lm_head(h, self.output_weight()))
         if self.binary_head is not None and self.pooler is not None:
             out["binary_logits"] = self.binary_head(self.pooler(h))  # [b, 2]
+        if self.pipeline_stage:  # the last stage: tensors only, for the pipeline's loss function
+            return tuple(out[k] for k in ("mlm_logits", "binary_logits") if out[k] is not None)
         return out
 
     def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Set the logits of padding ids to -inf so no loss or prediction ever sees them."""
         if self.padded_vocab_size == self.vocab_size:
             return logits
+        if hasattr(logits, "device_mesh"):  # vocab-parallel DTensor logits under tensor parallelism
+            from toolkit.parallel.tensor import mask_vocab_columns
+
+            return mask_vocab_columns(logits, self.vocab_size)
         pad = torch.arange(logits.shape[-1], device=logits.device) >= self.vocab_size
         return logits.masked_fill(pad, float("-inf"))
 

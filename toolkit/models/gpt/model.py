@@ -63,6 +63,9 @@ class GPTModel(nn.Module):
         self.tied = cfg.share_embeddings_and_output_weights
         self.head: nn.Linear | None = (None if self.tied
                                        else nn.Linear(cfg.hidden_size, self.padded_vocab_size, bias=False))
+        # a later pipeline stage receives hidden states holding 1/sequence_shards of the sequence
+        # (sequence parallelism; set by the tensor-parallel plan) — RoPE needs the full length
+        self.sequence_shards = 1
 
     def init_weights(self, seed: int = 0) -> None:
         """Megatron init from ``seed`` (identical on any device); recomputes non-persistent buffers."""
@@ -81,9 +84,11 @@ class GPTModel(nn.Module):
         caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
         """Logits ``[b, s, padded_vocab]`` (padded columns are -inf), or hidden states on a non-final stage."""
-        s = tokens.shape[1]
+        hidden_in = tokens.is_floating_point()  # hidden states from the previous pipeline stage
+        s = tokens.shape[1] * (self.sequence_shards if hidden_in else 1)
         positions = torch.arange(start_pos, start_pos + s, device=tokens.device)
-        h = self.embed(tokens, positions) if self.embed is not None else tokens
+        # (a last pipeline stage may hold the word embedding only as its tied output weight)
+        h = tokens if hidden_in or self.embed is None else self.embed(tokens, positions)
         rope = self.rotary(positions) if self.rotary is not None else None
         for i, layer in enumerate(self.layers.values()):
             h = layer(h, is_causal=True, rope=rope, cache=caches[i] if caches is not None else None)

@@ -7,9 +7,14 @@
   ``Shard(1)`` (sequence-sharded) activations, and attention/MLP inputs are all-gathered first;
 * output layer (``head``, or the tied word embedding): column-parallel over the vocabulary, logits
   stay ``Shard(-1)`` DTensors for ``loss_parallel`` (vocab-parallel cross-entropy, no gather).
+
+Pipeline split (:func:`pipeline_split_gpt`): contiguous layers per stage, embedding on the first,
+final norm + output layer on the last (with a synced copy of a tied word embedding).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -22,6 +27,7 @@ from torch.distributed.tensor.parallel import (
     RowwiseParallel,
 )
 
+from toolkit.parallel.pipeline import module_tree_copy
 from toolkit.parallel.tensor import ReplicatedParams, apply_plan
 
 
@@ -66,4 +72,28 @@ def parallelize_gpt(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel:
     """Shard ``model`` (built with ``tensor_parallel_size = tp``) over ``tp_mesh`` in place."""
     if model.tied and model.embed is None and model.final_norm is not None:
         raise ValueError("tied output weights need the embedding on the same pipeline stage")
+    model.sequence_shards = tp_mesh.size() if sequence_parallel else 1
     return apply_plan(model, tp_mesh, gpt_tp_plan(model, sequence_parallel=sequence_parallel))
+
+
+def pipeline_split_gpt(model: nn.Module, layer_ids: Sequence[str], *, first: bool, last: bool) -> nn.Module:
+    """One pipeline stage of a materialized GPT: the layers ``layer_ids`` (global indices), the
+    embedding when ``first``, the final norm and output layer when ``last``.
+
+    Tensors are shared with ``model``, not copied — except a tied word embedding on a last stage that
+    is not also first: that stage gets its own copy, still named ``embed.tokens.weight`` (its
+    position table stays on the first stage), which the pipeline keeps in sync with the first
+    stage's by summing their gradients (Megatron's tied embeddings across stages).
+    """
+    stage = module_tree_copy(model)
+    stage.layers = nn.ModuleDict({i: stage.layers[i] for i in layer_ids})
+    if not first:
+        if last and stage.tied:
+            stage.embed.positions = None
+            stage.embed.tokens.weight = nn.Parameter(model.embed.tokens.weight.detach().clone())
+        else:
+            stage.embed = None
+    if not last:
+        stage.final_norm = None
+        stage.head = None
+    return stage

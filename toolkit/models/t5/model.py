@@ -257,6 +257,10 @@ class T5Model(nn.Module):
         """Set the logits of padding ids to -inf so no loss or sample ever sees them."""
         if self.padded_vocab_size == self.vocab_size:
             return logits
+        if hasattr(logits, "device_mesh"):  # vocab-parallel DTensor logits under tensor parallelism
+            from toolkit.parallel.tensor import mask_vocab_columns
+
+            return mask_vocab_columns(logits, self.vocab_size)
         pad = torch.arange(logits.shape[-1], device=logits.device) >= self.vocab_size
         return logits.masked_fill(pad, float("-inf"))
 

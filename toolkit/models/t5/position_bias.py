@@ -56,7 +56,10 @@ class RelativePositionBias(nn.Module):
         k = torch.arange(key_length, device=device)[None, :]  # [1, sk]
         buckets = relative_position_bucket(k - q, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
                                            max_distance=self.max_distance)  # [sq, sk]
-        values = F.embedding(buckets, self.weight)  # [sq, sk, heads]
+        weight = self.weight  # [buckets, heads]
+        if hasattr(weight, "device_mesh"):  # tensor-parallel DTensor sharded over heads: this rank's columns
+            weight = weight.to_local()  # [buckets, heads / tp]
+        values = F.embedding(buckets, weight)  # [sq, sk, heads]
         return values.permute(2, 0, 1).unsqueeze(0)  # [1, heads, sq, sk]
 
     def extra_repr(self) -> str:
