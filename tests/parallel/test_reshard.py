@@ -3,7 +3,9 @@ optimizer state, including the vocabulary padding that depends on tp — exactly
 continuation under the layout that wrote it.
 
 Each source run trains 3 of 5 steps (``trainer.exit_interval=3``) and stops; copies of its run
-directory are continued under other layouts. The default ``make_vocab_size_divisible_by=128`` pads
+directory are continued under other layouts. The main source is tp2 × pp2 (4 processes): its
+checkpoint continues at tp1 (one process), dp2 FSDP2 and pp2 × vpp2 (interleaved), each compared
+with the continuation at tp2 × pp2. The default ``make_vocab_size_divisible_by=128`` pads
 the 8193-token vocabulary to 8320 rows at tp=1 and 8448 at tp=2, so moving between them re-lays the
 embedding rows and their Adam moments.
 """
@@ -21,11 +23,14 @@ from tests.parallel.helpers import TINY, launch, losses, train_ok, weights
 
 VOCAB = 8193
 
-COMMON = [*TINY, "model.make_vocab_size_divisible_by=128"]
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+COMMON = [*TINY, "model.make_vocab_size_divisible_by=128", "model.num_layers=4"]
 TP2 = ["parallel.tensor_model_parallel_size=2"]
+TP2_PP2 = [*TP2, "parallel.pipeline_model_parallel_size=2"]
 CONTINUE_AS = {
     "tp1": (1, []),
     "dp2_fsdp": (2, ["parallel.data_parallel_sharding=full"]),
+    "pp2_vpp2": (2, ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"]),
 }
 
 
@@ -55,21 +60,22 @@ def _continue(src: Path, dst: Path, nproc: int, *layout: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tp2_source(tmp_path_factory) -> Path:
-    return _stop_at_3(tmp_path_factory.mktemp("src") / "run", 2, *TP2)
+def source(tmp_path_factory) -> Path:
+    """Steps 1–3 at tp2 × pp2 (vocabulary padded to 8448 rows)."""
+    return _stop_at_3(tmp_path_factory.mktemp("src") / "run", 4, *TP2_PP2)
 
 
 @pytest.fixture(scope="module")
-def tp2_continued(tp2_source: Path, tmp_path_factory) -> Path:
+def continued(source: Path, tmp_path_factory) -> Path:
     """The unresharded continuation: the same layout that wrote the checkpoint."""
-    return _continue(tp2_source, tmp_path_factory.mktemp("same") / "run", 2, *TP2)
+    return _continue(source, tmp_path_factory.mktemp("same") / "run", 4, *TP2_PP2)
 
 
 @pytest.mark.parametrize("layout", list(CONTINUE_AS))
-def test_tp2_checkpoint_continues_under(layout: str, tp2_source: Path, tp2_continued: Path, tmp_path: Path):
+def test_tp2_pp2_checkpoint_continues_under(layout: str, source: Path, continued: Path, tmp_path: Path):
     nproc, extra = CONTINUE_AS[layout]
-    run = _continue(tp2_source, tmp_path / "run", nproc, *extra)
-    assert_same_run(run, tp2_continued)
+    run = _continue(source, tmp_path / "run", nproc, *extra)
+    assert_same_run(run, continued)
 
 
 def test_single_process_checkpoint_continues_at_tp2_dp2_fsdp(tmp_path: Path):
@@ -80,12 +86,12 @@ def test_single_process_checkpoint_continues_at_tp2_dp2_fsdp(tmp_path: Path):
     assert_same_run(run, same)
 
 
-def test_resume_prints_the_layout_change(tp2_source: Path, tmp_path: Path):
+def test_resume_prints_the_layout_change(source: Path, tmp_path: Path):
     dst = tmp_path / "run"
-    shutil.copytree(tp2_source, dst)
+    shutil.copytree(source, dst)
     out = launch(dst, 1, *COMMON)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "saved under {'tp': 2, 'pp': 1, 'dp': 1}, now {'tp': 1, 'pp': 1, 'dp': 1}" in out.stdout
+    assert "saved under {'tp': 2, 'pp': 2, 'dp': 1}, now {'tp': 1, 'pp': 1, 'dp': 1}" in out.stdout
     assert "vocabulary padding re-laid in" in out.stdout
 
 
