@@ -30,6 +30,14 @@ def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer layers of any family: every module held in an ``nn.ModuleDict`` attribute
+    named ``layers`` (GPT/BERT ``model.layers``, T5 ``encoder.layers`` and ``decoder.layers``, and
+    the same on a pipeline stage). They are the units of activation recompute and FSDP wrapping."""
+    return [block for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == "layers"
+            and isinstance(module, nn.ModuleDict) for block in module.values()]
+
+
 def apply_recompute(blocks: Iterable[nn.Module], granularity: str) -> None:
     if granularity == "none":
         return

@@ -64,13 +64,13 @@ class ParallelRuntime:
         ``tp_plan``: the family's ``(model, tp_mesh, *, sequence_parallel) -> model`` (see
         ``toolkit.registry.tensor_parallel_plan``); required when tp > 1.
         """
-        from toolkit.parallel.recompute import apply_recompute
+        from toolkit.parallel.recompute import apply_recompute, transformer_blocks
 
         if self.dims.tp > 1:
             if tp_plan is None:
                 raise ValueError("tensor_model_parallel_size > 1 needs the model family's tensor-parallel plan")
             tp_plan(model, self.mesh["tp"], sequence_parallel=self.sequence_parallel)
-        blocks = list(_blocks(model))
+        blocks = transformer_blocks(model)
         apply_recompute(blocks, recompute)
         if self.dims.dp > 1:
             apply_data_parallel(model, self.mesh["dp"], self.data_parallel_sharding, blocks)
@@ -127,12 +127,6 @@ class ParallelRuntime:
 
                     time.sleep(3600)
                 os._exit(1)
-
-
-def _blocks(model: nn.Module):
-    layers = getattr(model, "layers", None)
-    if isinstance(layers, nn.ModuleDict):
-        yield from layers.values()
 
 
 def setup(cfg: RunConfig, device: torch.device) -> ParallelRuntime:

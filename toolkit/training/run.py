@@ -190,11 +190,9 @@ def _train(cfg: RunConfig, device: torch.device, runtime) -> TrainResult:
 
         runtime.parallelize(model, tensor_parallel_plan(cfg.model.family), cfg.model.recompute_granularity)
     elif cfg.model.recompute_granularity != "none":
-        from toolkit.parallel.recompute import apply_recompute
+        from toolkit.parallel.recompute import apply_recompute, transformer_blocks
 
-        layers = getattr(model, "layers", None)
-        apply_recompute(layers.values() if isinstance(layers, torch.nn.ModuleDict) else [],
-                        cfg.model.recompute_granularity)
+        apply_recompute(transformer_blocks(model), cfg.model.recompute_granularity)
     if pipeline is not None:
         from toolkit.training.trainer import PartOptimizers
 
