@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 
 def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, sharding: str, blocks: Iterable[nn.Module]) -> nn.Module:
-    """Wrap each block (transformer layer) and then the root in place; returns ``model``."""
+    """Wrap each unit (transformer layers, inner units first) and then the root in place; returns ``model``."""
     if sharding == "none":
         from torch.distributed._composable.replicate_with_fsdp import replicate
 

@@ -73,7 +73,11 @@ class ParallelRuntime:
         blocks = transformer_blocks(model)
         apply_recompute(blocks, recompute)
         if self.dims.dp > 1:
-            apply_data_parallel(model, self.mesh["dp"], self.data_parallel_sharding, blocks)
+            # a family may name modules it calls outside their parent layer's forward (T5's
+            # relative position bias): they need FSDP units of their own, wrapped first
+            extra = getattr(model, "data_parallel_units", None)
+            units = [*(extra() if extra is not None else []), *blocks]
+            apply_data_parallel(model, self.mesh["dp"], self.data_parallel_sharding, units)
         return model
 
     def build_pipeline(self, model: nn.Module, split, tp_plan=None, recompute: str = "none"):

@@ -274,6 +274,11 @@ class T5Model(nn.Module):
             cross_attn=[KVCache.empty(batch, heads, encoder_length, d, device=device, dtype=dtype) for _ in range(n)],
         )
 
+    def data_parallel_units(self) -> list[nn.Module]:
+        """Modules FSDP must shard as units of their own, besides the transformer layers: each
+        stack's relative position bias is called by the stack, outside its first layer's forward."""
+        return [s.layers["0"].relative_bias for s in (self.encoder, self.decoder) if len(s.layers)]
+
     def num_parameters(self, *, exclude_positions: bool = False) -> int:
         """Parameter count (the shared embedding once). ``exclude_positions`` drops the relative
         position bias tables (T5 has no absolute position table)."""
