@@ -34,14 +34,9 @@ from typing import Sequence
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    ParallelStyle,
-    PrepareModuleInput,
-    PrepareModuleOutput,
-    RowwiseParallel,
-)
+from torch.distributed.tensor.parallel import ParallelStyle, PrepareModuleOutput, RowwiseParallel
 
+from toolkit.models.common.parallelize import transformer_layers_plan
 from toolkit.parallel.pipeline import module_tree_copy
 from toolkit.parallel.tensor import ReplicatedParams, ShardedParams, apply_plan
 
@@ -62,19 +57,7 @@ def bert_tp_plan(model: nn.Module, *, sequence_parallel: bool) -> dict[str, Para
         elif sequence_parallel:
             plan["embed"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1),
                                                 use_local_output=True)
-    if len(model.layers):
-        plan["layers.*.attn_norm"] = ReplicatedParams(input_layout=act)
-        plan["layers.*.mlp_norm"] = ReplicatedParams(input_layout=act)
-        if sequence_parallel:
-            for block in ("attn", "mlp"):
-                plan[f"layers.*.{block}"] = PrepareModuleInput(input_layouts=(Shard(1),),
-                                                               desired_input_layouts=(Replicate(),),
-                                                               use_local_output=True)
-        for proj in ("q", "k", "v"):
-            plan[f"layers.*.attn.{proj}"] = ColwiseParallel()
-        plan["layers.*.attn.out"] = RowwiseParallel(output_layouts=act)
-        plan["layers.*.mlp.fc1"] = ColwiseParallel()
-        plan["layers.*.mlp.fc2"] = RowwiseParallel(output_layouts=act)
+    plan.update(transformer_layers_plan(model.layers, sequence_parallel=sequence_parallel))
     if model.final_norm is not None:  # pre-LN
         plan["final_norm"] = ReplicatedParams(input_layout=act)
     if model.lm_head is not None:

@@ -2,7 +2,8 @@
 
 * word embedding: vocab-parallel (``RowwiseParallel`` on ``nn.Embedding`` → weight ``Shard(0)``);
 * attention ``q``/``k``/``v``: column-parallel (heads split; GQA key/value heads split the same way),
-  ``out``: row-parallel; MLP ``fc1``/``gate`` column-, ``fc2`` row-parallel;
+  ``out``: row-parallel; MLP ``fc1``/``gate`` column-, ``fc2`` row-parallel (the layers' part of the
+  plan is shared with BERT: ``toolkit.models.common.parallelize``);
 * norms and learned positions: whole on every rank; under sequence parallelism they work on
   ``Shard(1)`` (sequence-sharded) activations, and attention/MLP inputs are all-gathered first;
 * output layer (``head``, or the tied word embedding): column-parallel over the vocabulary, logits
@@ -19,14 +20,9 @@ from typing import Sequence
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    ParallelStyle,
-    PrepareModuleInput,
-    PrepareModuleOutput,
-    RowwiseParallel,
-)
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, PrepareModuleOutput, RowwiseParallel
 
+from toolkit.models.common.parallelize import transformer_layers_plan
 from toolkit.parallel.pipeline import module_tree_copy
 from toolkit.parallel.tensor import ReplicatedParams, apply_plan
 
@@ -42,22 +38,7 @@ def gpt_tp_plan(model: nn.Module, *, sequence_parallel: bool) -> dict[str, Paral
         if sequence_parallel:
             plan["embed"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1),
                                                 use_local_output=True)
-    if len(model.layers):
-        gated = next(iter(model.layers.values())).mlp.gate is not None
-        plan["layers.*.attn_norm"] = ReplicatedParams(input_layout=act)
-        plan["layers.*.mlp_norm"] = ReplicatedParams(input_layout=act)
-        if sequence_parallel:
-            for block in ("attn", "mlp"):
-                plan[f"layers.*.{block}"] = PrepareModuleInput(input_layouts=(Shard(1),),
-                                                               desired_input_layouts=(Replicate(),),
-                                                               use_local_output=True)
-        for proj in ("q", "k", "v"):
-            plan[f"layers.*.attn.{proj}"] = ColwiseParallel()
-        plan["layers.*.attn.out"] = RowwiseParallel(output_layouts=act)
-        plan["layers.*.mlp.fc1"] = ColwiseParallel()
-        if gated:
-            plan["layers.*.mlp.gate"] = ColwiseParallel()
-        plan["layers.*.mlp.fc2"] = RowwiseParallel(output_layouts=act)
+    plan.update(transformer_layers_plan(model.layers, sequence_parallel=sequence_parallel))
     if model.final_norm is not None:
         # replicated DTensor out: the (tied or not) output layer then yields Shard(-1) logits
         plan["final_norm"] = ReplicatedParams(input_layout=act, desired_output_layout=Replicate(),
