@@ -177,6 +177,15 @@ def seq2seq_logit_diff(ours: torch.nn.Module, theirs: torch.nn.Module, vocab: in
     return float((a - b).abs().max())
 
 
+def assert_same_safetensors(a: Path, b: Path) -> dict[str, torch.Tensor]:
+    """Two Hugging Face folders hold the same tensor names with bit-identical values; returns ``a``'s."""
+    before, after = read_safetensors(a), read_safetensors(b)
+    assert sorted(before) == sorted(after)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    return before
+
+
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a Hugging Face folder (single file or shards)."""
     from safetensors import safe_open

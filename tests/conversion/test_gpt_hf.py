@@ -9,7 +9,15 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import run_cli
-from tests.conversion.conftest import GPT2_STYLE, LLAMA_STYLE, make_run, max_logit_diff, save_hf_model, transformers
+from tests.conversion.conftest import (
+    GPT2_STYLE,
+    LLAMA_STYLE,
+    assert_same_safetensors,
+    make_run,
+    max_logit_diff,
+    save_hf_model,
+    transformers,
+)
 from toolkit.checkpoint.hf import export_hf, import_hf, load_megaforge_model
 from toolkit.checkpoint.hf_mapping import TRANSFORMS, MappingContext
 from toolkit.cli import main
@@ -27,15 +35,6 @@ HF_CASES = {
     "llama-tied-bias": ("llama", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True,
                                   "num_key_value_heads": 1}),
 }
-
-
-def read_safetensors(folder) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
-    out = {}
-    for f in files:
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 @pytest.fixture(scope="module", params=sorted(HF_CASES))
@@ -58,10 +57,7 @@ def test_import_matches_transformers(imported):
 def test_round_trip_is_bit_identical(imported):
     root, _, out = imported
     export_hf(out, root / "back", log=None)
-    before, after = read_safetensors(root / "hf"), read_safetensors(root / "back")
-    assert sorted(before) == sorted(after)
-    for name in before:
-        assert torch.equal(before[name], after[name]), name
+    assert_same_safetensors(root / "hf", root / "back")
 
 
 def test_export_gpt2_style_run_loads_in_transformers(tmp_path):

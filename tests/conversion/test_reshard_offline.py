@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from tests.conversion.conftest import GPT2_STYLE, LLAMA_STYLE, make_run, save_hf_model
-from tests.conversion.test_gpt_hf import read_safetensors
+from tests.conversion.conftest import GPT2_STYLE, LLAMA_STYLE, assert_same_safetensors, make_run, save_hf_model
 from toolkit.checkpoint import CheckpointManager
 from toolkit.checkpoint.hf import convert, load_megaforge_model
 from toolkit.checkpoint.reshard import has_optimizer_state
@@ -32,10 +31,7 @@ def test_hf_to_megaforge_at_tp2_and_back_is_bit_identical(kind, tmp_path):
     ours, _, _ = load_megaforge_model(out)  # built for tp=2 from its config: 1280 rows
     assert ours.padded_vocab_size == 1280 and ours.embed.tokens.weight.shape[0] == 1280
     convert(out, tmp_path / "back", to="hf", log=None)
-    before, after = read_safetensors(tmp_path / "hf"), read_safetensors(tmp_path / "back")
-    assert sorted(before) == sorted(after)
-    for name in before:
-        assert torch.equal(before[name], after[name]), name
+    assert_same_safetensors(tmp_path / "hf", tmp_path / "back")
 
 
 def _with_optimizer_state(run, model_kw):
