@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.config import ModelConfig
+from toolkit.models.common.embeddings import mask_padded_vocab
 from toolkit.models.common import KVCache, RotaryEmbedding, TransformerLayer, build_norm, padded_vocab_size
 from toolkit.models.common.init import init_weights
 from toolkit.models.common.layer import head_dim
@@ -100,14 +101,7 @@ class GPTModel(nn.Module):
 
     def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Set the logits of padding ids to -inf so no loss or sample ever sees them."""
-        if self.padded_vocab_size == self.vocab_size:
-            return logits
-        if hasattr(logits, "device_mesh"):  # vocab-parallel DTensor logits under tensor parallelism
-            from toolkit.parallel.tensor import mask_vocab_columns
-
-            return mask_vocab_columns(logits, self.vocab_size)
-        pad = torch.arange(logits.shape[-1], device=logits.device) >= self.vocab_size
-        return logits.masked_fill(pad, float("-inf"))
+        return mask_padded_vocab(logits, self.vocab_size)
 
     def new_caches(self, batch: int, max_len: int, *, device, dtype) -> list[KVCache]:
         kv = self.cfg.num_query_groups or self.cfg.num_attention_heads

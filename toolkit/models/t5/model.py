@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.config import ModelConfig
+from toolkit.models.common.embeddings import mask_padded_vocab
 from toolkit.models.common import MLP, Attention, KVCache, padded_vocab_size
 from toolkit.models.common.layer import ffn_size, head_dim
 from toolkit.models.t5.position_bias import RelativePositionBias
@@ -255,14 +256,7 @@ class T5Model(nn.Module):
 
     def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Set the logits of padding ids to -inf so no loss or sample ever sees them."""
-        if self.padded_vocab_size == self.vocab_size:
-            return logits
-        if hasattr(logits, "device_mesh"):  # vocab-parallel DTensor logits under tensor parallelism
-            from toolkit.parallel.tensor import mask_vocab_columns
-
-            return mask_vocab_columns(logits, self.vocab_size)
-        pad = torch.arange(logits.shape[-1], device=logits.device) >= self.vocab_size
-        return logits.masked_fill(pad, float("-inf"))
+        return mask_padded_vocab(logits, self.vocab_size)
 
     # ---- generation and bookkeeping -------------------------------------------------------
     def new_caches(self, batch: int, max_len: int, encoder_length: int, *, device, dtype) -> T5Caches:
