@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.config import ModelConfig
-from toolkit.models.common.embeddings import mask_padded_vocab
-from toolkit.models.common import TransformerLayer, build_norm, padded_vocab_size
+from toolkit.models.common.embeddings import mask_padded_vocab, model_vocab_sizes
+from toolkit.models.common import TransformerLayer, build_norm
 from toolkit.models.common.init import init_weights
 from toolkit.models.common.mlp import ACTIVATIONS, GATED
 
@@ -103,16 +103,12 @@ class BertLMHead(nn.Module):
 class BertModel(nn.Module):
     def __init__(self, cfg: ModelConfig, *, tensor_parallel_size: int = 1):
         super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
         if cfg.position_embedding_type != "learned_absolute":
             raise ValueError(f"BERT uses learned absolute positions, not {cfg.position_embedding_type!r}")
         if cfg.activation in GATED:
             raise ValueError(f"BERT uses a plain MLP; activation {cfg.activation!r} is gated")
         self.cfg = cfg
-        self.vocab_size = cfg.vocab_size
-        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by,
-                                                   tensor_parallel_size)
+        self.vocab_size, self.padded_vocab_size = model_vocab_sizes(cfg, tensor_parallel_size)
         self.embed: BertEmbedding | None = BertEmbedding(cfg, self.padded_vocab_size)
         self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg) for i in range(cfg.num_layers)})
         self.final_norm: nn.Module | None = (build_norm(cfg.normalization, cfg.hidden_size, cfg.layernorm_epsilon)

@@ -11,6 +11,13 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int =
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
+def model_vocab_sizes(cfg, tensor_parallel_size: int = 1) -> tuple[int, int]:
+    """(vocabulary, padded vocabulary) of a ``ModelConfig`` built for ``tensor_parallel_size``."""
+    if cfg.vocab_size is None:
+        raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
+    return cfg.vocab_size, padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tensor_parallel_size)
+
+
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Logits ``[..., padded_vocab]`` with the padding ids' columns set to -inf, so no loss or sample
     ever sees them (vocab-parallel DTensor logits under tensor parallelism are masked shard-wise)."""

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.config import ModelConfig
-from toolkit.models.common.embeddings import mask_padded_vocab
-from toolkit.models.common import KVCache, RotaryEmbedding, TransformerLayer, build_norm, padded_vocab_size
+from toolkit.models.common.embeddings import mask_padded_vocab, model_vocab_sizes
+from toolkit.models.common import KVCache, RotaryEmbedding, TransformerLayer, build_norm
 from toolkit.models.common.init import init_weights
 from toolkit.models.common.layer import head_dim
 
@@ -49,12 +49,8 @@ class GPTEmbedding(nn.Module):
 class GPTModel(nn.Module):
     def __init__(self, cfg: ModelConfig, *, tensor_parallel_size: int = 1):
         super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
         self.cfg = cfg
-        self.vocab_size = cfg.vocab_size
-        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by,
-                                                   tensor_parallel_size)
+        self.vocab_size, self.padded_vocab_size = model_vocab_sizes(cfg, tensor_parallel_size)
         self.embed: GPTEmbedding | None = GPTEmbedding(cfg, self.padded_vocab_size)
         max_pos = cfg.max_position_embeddings or cfg.seq_length
         self.rotary = (RotaryEmbedding(head_dim=head_dim(cfg), max_seq=max_pos, base=cfg.rotary_base)

@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.config import ModelConfig
-from toolkit.models.common.embeddings import mask_padded_vocab
-from toolkit.models.common import MLP, Attention, KVCache, padded_vocab_size
+from toolkit.models.common.embeddings import mask_padded_vocab, model_vocab_sizes
+from toolkit.models.common import MLP, Attention, KVCache
 from toolkit.models.common.layer import ffn_size, head_dim
 from toolkit.models.t5.position_bias import RelativePositionBias
 
@@ -184,12 +184,8 @@ class T5Model(nn.Module):
 
     def __init__(self, cfg: ModelConfig, *, tensor_parallel_size: int = 1):
         super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
         self.cfg = cfg
-        self.vocab_size = cfg.vocab_size
-        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by,
-                                                   tensor_parallel_size)
+        self.vocab_size, self.padded_vocab_size = model_vocab_sizes(cfg, tensor_parallel_size)
         self.num_decoder_layers = cfg.num_decoder_layers or cfg.num_layers
         self.embed = nn.Embedding(self.padded_vocab_size, cfg.hidden_size)
         self.encoder = T5Stack(cfg, cfg.num_layers, decoder=False)
