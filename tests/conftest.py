@@ -24,6 +24,18 @@ def run_cli(*args: str, cwd=None, timeout: int = 600, env=None) -> subprocess.Co
                           text=True, timeout=timeout, env=full_env)
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: tiny models gain nothing from threads, and on a shared
+    2-core machine OpenMP waits dominate. Use with ``pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def step_losses(run_dir: Path) -> dict[int, float]:
     """step → train loss, from a run's metrics.jsonl."""
     import json

@@ -39,12 +39,9 @@ T5_V11_STYLE = dict(T5_V10_STYLE, num_decoder_layers=2, kv_channels=None, activa
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP waits dominate."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Every conversion test runs on one torch thread (see tests/conftest.py)."""
     yield
-    torch.set_num_threads(before)
 
 
 @torch.no_grad()

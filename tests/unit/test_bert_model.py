@@ -11,13 +11,7 @@ from toolkit.training.loss import lm_cross_entropy
 
 transformers = pytest.importorskip("transformers")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes run fastest on one thread, and far faster than two when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BIG = ["bert-base", "bert-large", "megatron-bert-345m", "gatortron-base", "gatortron-medium", "gatortron-large"]

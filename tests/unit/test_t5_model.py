@@ -16,13 +16,7 @@ transformers = pytest.importorskip("transformers")
 T5_RECIPES = ["t5-tiny", "t5-small", "t5-base", "t5-v1_1-base"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes run fastest on one thread, and other suites share the CPU cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(v11: bool = False, **kw) -> ModelConfig:
