@@ -78,10 +78,10 @@ def child(args) -> None:
     import torch
 
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    from toolkit.checkpoint.hf import export_hf, import_hf
     from toolkit.checkpoint.native import CheckpointManager
     from toolkit.config import load_config, save_config
-    from toolkit.registry import build_model
+    from toolkit.convert.hf import export_hf, import_hf
+    from toolkit.models.build import build_model
 
     torch.set_num_threads(1)
     base = _status()
@@ -99,9 +99,9 @@ def child(args) -> None:
             save_config(cfg, run / "config.yaml")
             CheckpointManager(run / "checkpoints").save(1, model, None, {"step": 1, "consumed_samples": 0})
         elif args.child == "export":
-            export_hf(args.src, args.out, log=None)
+            export_hf(args.src, args.out)
         elif args.child == "import":
-            import_hf(args.src, args.out, dtype=args.dtype, log=None)
+            import_hf(args.src, args.out, dtype=args.dtype)
         elif args.child == "copy":
             shutil.copytree(args.src, args.out)
             copied = time.perf_counter()
@@ -132,7 +132,7 @@ def run_child(step: str, **kw) -> dict:
 
 def tensor_sizes(step_dir: Path) -> tuple[int, int, str]:
     """(model bytes, largest tensor bytes, its name) from the DCP metadata (no data read)."""
-    from toolkit.checkpoint.streaming import DCPSource
+    from toolkit.convert.streaming import DCPSource
 
     src = DCPSource(step_dir)
     sizes = {n: src.meta(n).numel() * src.meta(n).element_size() for n in src.names()}

@@ -21,12 +21,11 @@ import time
 
 import torch
 
-from toolkit.config import ModelConfig
+from toolkit.config import ModelConfig, OptimConfig
+from toolkit.models.common.loss import lm_cross_entropy
 from toolkit.models.gpt import GPTModel
-from toolkit.training.loss import lm_cross_entropy
+from toolkit.optim import build_optimizer
 from toolkit.training.metrics import flops_per_token, measured_matmul_peak
-from toolkit.training.optim import build_optimizer
-from toolkit.config import OptimConfig
 
 
 def build_ours(args) -> torch.nn.Module:
@@ -65,7 +64,7 @@ def time_steps(model, loss_fn, batches, precision: str, compile_model: bool) -> 
     opt = build_optimizer(model, OptimConfig(lr=1e-4, weight_decay=0.1))
     fn = torch.compile(model) if compile_model else model
     times = []
-    for i, x in enumerate(batches):
+    for x in batches:
         start = time.perf_counter()
         with autocast(precision):
             loss = loss_fn(fn, x)

@@ -30,17 +30,18 @@ def local_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int
 
 def measure(sharding: str, args, device: torch.device) -> int:
     from toolkit.config import load_config
+    from toolkit.models.build import build_initialized_model
+    from toolkit.models.gpt.objective import causal_lm
+    from toolkit.optim import build_optimizer
     from toolkit.parallel.runtime import setup
-    from toolkit.training.objectives import causal_lm
-    from toolkit.training.optim import build_optimizer
-    from toolkit.training.run import build_initialized_model
+    from toolkit.registry import get_spec
 
     cfg = load_config("gpt-tiny", [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}",
                                    "model.num_attention_heads=8", "model.seq_length=64", "model.vocab_size=8192",
                                    f"parallel.data_parallel_sharding={sharding}"])
     runtime = setup(cfg, device)
     model = build_initialized_model(cfg, device)
-    runtime.parallelize(model, "gpt")
+    runtime.parallelize(model, get_spec("gpt").tensor_parallel)
     optimizer = build_optimizer(model, cfg.optim)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -46,9 +46,9 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 
 def final_weights(run_dir: Path) -> dict:
     """The run's latest checkpoint loaded into a single-process model: name → tensor."""
-    from toolkit.generation import load_run
+    from toolkit.checkpoint import load_megaforge_model
 
-    model, _, _ = load_run(run_dir)
+    model, _, _ = load_megaforge_model(run_dir)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -1,11 +1,15 @@
 """The ``megaforge`` command: parses arguments and dispatches; the logic lives in the package.
 
-User errors (:class:`~toolkit.errors.MegaforgeError`) print one line and exit with code 2.
+User errors (:class:`~toolkit.errors.MegaforgeError`) print one line and exit with code 2. The
+package reports through module loggers (``logging.getLogger(__name__)``); the command installs the
+one handler that prints them (:func:`setup_logging`).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from toolkit.errors import MegaforgeError
@@ -37,9 +41,10 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from toolkit.generation import generate_text, load_run
+    from toolkit.checkpoint import load_megaforge_model
+    from toolkit.generation import generate_text
 
-    model, tokenizer, _ = load_run(args.run_dir, device=args.device)
+    model, _, tokenizer = load_megaforge_model(args.run_dir, device=args.device)
     text = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(args.prompt + text)
@@ -65,7 +70,7 @@ def _cmd_tokenizer_train(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from toolkit.checkpoint.hf import convert
+    from toolkit.convert import convert
 
     out = convert(args.src, args.out, to=args.to, verify=args.verify, dtype=args.dtype,
                   max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
@@ -86,19 +91,58 @@ def _cmd_publish(args) -> int:
     return 0
 
 
+class _ConsoleFilter(logging.Filter):
+    """Below WARNING only (stdout); warnings and errors go to stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+def setup_logging(verbosity: int = 0) -> None:
+    """Print the package's log records: INFO (DEBUG with ``-v``, nothing below WARNING with
+    ``--quiet``) on stdout, warnings and errors on stderr. Under ``torchrun`` only rank 0 prints
+    below WARNING; other ranks print warnings and errors prefixed with their rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    if rank != 0:
+        level = max(level, logging.WARNING)
+    root = logging.getLogger("toolkit")
+    for handler in [h for h in root.handlers if getattr(h, "megaforge_console", False)]:
+        root.removeHandler(handler)
+    fmt = logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s")
+    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    out.addFilter(_ConsoleFilter())
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(fmt)
+        handler.megaforge_console = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False  # printed once here, whatever the root logger has
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megaforge", description="Train transformer language models at any scale.")
+    verbosity = argparse.ArgumentParser(add_help=False)  # accepted before or after the command
+    verbosity.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
+                           default=argparse.SUPPRESS, help="also print debug messages")
+    verbosity.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
+                           default=argparse.SUPPRESS, help="print only warnings, errors and results")
+    p = argparse.ArgumentParser(prog="megaforge", description="Train transformer language models at any scale.",
+                                parents=[verbosity])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("recipes", help="list the registered recipes")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[verbosity], **kwargs)
+
+    s = command("recipes", help="list the registered recipes")
     s.set_defaults(func=_cmd_recipes)
 
-    s = sub.add_parser("train", help="train from a recipe name or YAML file, with KEY=VALUE overrides")
+    s = command("train", help="train from a recipe name or YAML file, with KEY=VALUE overrides")
     s.add_argument("recipe", help="registered recipe name (see `megaforge recipes`) or path to a YAML file")
     s.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.max_steps=30 trainer.run_dir=runs/x")
     s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("generate", help="continue a prompt with a trained run's latest checkpoint")
+    s = command("generate", help="continue a prompt with a trained run's latest checkpoint")
     s.add_argument("run_dir", help="run directory (trainer.run_dir of the training run)")
     s.add_argument("--prompt", required=True, help="text to continue")
     s.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default 50)")
@@ -109,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     s.set_defaults(func=_cmd_generate)
 
-    s = sub.add_parser("preprocess", help="tokenize jsonl/text into an indexed dataset (PREFIX.bin/.idx)")
+    s = command("preprocess", help="tokenize jsonl/text into an indexed dataset (PREFIX.bin/.idx)")
     s.add_argument("--input", required=True, nargs="+", help="input file(s): .jsonl, .jsonl.gz, .txt")
     s.add_argument("--output-prefix", required=True, help="output path without extension")
     s.add_argument("--tokenizer", default="english-bpe", help="tokenizer file/folder or shipped name")
@@ -119,14 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default 1)")
     s.set_defaults(func=_cmd_preprocess)
 
-    s = sub.add_parser("tokenizer", help="tokenizer tools")
+    s = command("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     t = tsub.add_parser("train", help="train a tokenizer from a YAML spec (see tokenizers/)")
     t.add_argument("spec", help="path to a tokenizer spec YAML")
     t.add_argument("--output", default=None, help="output folder (default: the spec's name under tokenizers/)")
     t.set_defaults(func=_cmd_tokenizer_train)
 
-    s = sub.add_parser("convert", help="convert checkpoints: megaforge ↔ Hugging Face, legacy Megatron-LM → megaforge")
+    s = command("convert", help="convert checkpoints: megaforge ↔ Hugging Face, legacy Megatron-LM → megaforge")
     s.add_argument("src", help="megaforge run dir or step_N folder, Hugging Face folder or Hub id, or legacy "
                                "Megatron-LM checkpoint folder (detected automatically)")
     s.add_argument("out", help="output folder")
@@ -150,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--to megaforge: virtual pipeline stages per rank recorded for the result")
     s.set_defaults(func=_cmd_convert)
 
-    s = sub.add_parser("publish", help="upload a Hugging Face export (convert --to hf) to the Hub with a model card")
+    s = command("publish", help="upload a Hugging Face export (convert --to hf) to the Hub with a model card")
     s.add_argument("folder", help="Hugging Face folder written by `megaforge convert RUN FOLDER --to hf`")
     s.add_argument("repo_id", help="Hub repository, NAMESPACE/NAME (created if missing)")
     s.add_argument("--private", action="store_true", help="create the repository private (refused if it exists public)")
@@ -174,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "verbosity", 0))
     try:
         return args.func(args)
     except MegaforgeError as e:

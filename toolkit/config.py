@@ -20,7 +20,7 @@ from toolkit.errors import ConfigError, RecipeError, closest, first_line
 
 @dataclass
 class ModelConfig:
-    family: str = "gpt"  # model family registered in toolkit.registry: gpt | bert | t5
+    family: str = "gpt"  # model family registered in toolkit.registry: gpt | bert | t5 | a plugin's
     num_layers: int = 2  # transformer layers (encoder layers for T5)
     hidden_size: int = 64  # model width
     ffn_hidden_size: Optional[int] = None  # MLP inner width; None → 4 × hidden_size
@@ -162,8 +162,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-CHOICES = {
-    "model.family": ("gpt", "bert", "t5"),
+CHOICES = {  # model.family is checked against the registry (built-in families and plugins)
     "model.position_embedding_type": ("learned_absolute", "rope", "relative", "none"),
     "model.normalization": ("LayerNorm", "RMSNorm"),
     "model.layernorm_position": ("pre", "post"),
@@ -313,7 +312,11 @@ def _get(cfg: RunConfig, dotted: str):
 
 
 def validate(cfg: RunConfig) -> None:
-    """Checks that need no process group: choices, positivity, head and batch arithmetic."""
+    """Checks that need no process group: the family, choices, positivity, head and batch arithmetic,
+    then the family's own checks (its ``ModelSpec.validate``)."""
+    from toolkit.registry import get_spec
+
+    spec = get_spec(cfg.model.family)
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -349,6 +352,32 @@ def validate(cfg: RunConfig) -> None:
     for key in ("model.hidden_dropout", "model.attention_dropout"):
         if not 0.0 <= _get(cfg, key) < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {_get(cfg, key)}")
+    if spec.validate is not None:
+        spec.validate(cfg)
+
+
+# ---- sizes derived from a ModelConfig (shared by the models and the checkpoint mappings) ----------
+def head_dim(cfg: ModelConfig) -> int:
+    """Per-head width: ``kv_channels`` or hidden / heads."""
+    return cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+
+
+def ffn_size(cfg: ModelConfig) -> int:
+    """MLP inner width: ``ffn_hidden_size`` or 4 × hidden."""
+    return cfg.ffn_hidden_size or 4 * cfg.hidden_size
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int = 1) -> int:
+    """Round ``vocab_size`` up to a multiple of ``divisible_by × tensor_parallel`` (Megatron's rule)."""
+    multiple = max(1, divisible_by) * max(1, tensor_parallel)
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def model_vocab_sizes(cfg: ModelConfig, tensor_parallel_size: int = 1) -> tuple[int, int]:
+    """(vocabulary, padded vocabulary) of a ``ModelConfig`` built for ``tensor_parallel_size``."""
+    if cfg.vocab_size is None:
+        raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
+    return cfg.vocab_size, padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tensor_parallel_size)
 
 
 def to_yaml(cfg: RunConfig) -> str:

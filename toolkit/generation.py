@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from toolkit.errors import CheckpointError
+from toolkit.errors import ConfigError
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
@@ -86,7 +84,7 @@ def generate_pipelined(pipeline, prompt: torch.Tensor, *, max_new_tokens: int, t
     gen = torch.Generator(device=prompt.device).manual_seed(seed) if seed is not None else None
     tokens, start, out = prompt, 0, []
     done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
-    for i in range(max_new_tokens):
+    for _i in range(max_new_tokens):
         h = None
         nxt = torch.empty(b, dtype=torch.long, device=prompt.device)
         for stage in range(pipeline.num_stages):  # stage s runs on pipeline rank s % pp
@@ -120,12 +118,10 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: i
     may be a pipeline (``toolkit.parallel.pipeline.Pipeline``): see :func:`generate_pipelined`."""
     device = device or (model.device if hasattr(model, "stage_indices") else next(model.parameters()).device)
     if getattr(model, "is_encoder_decoder", False):
-        from toolkit.models.t5.generation import generate_seq2seq
-
         gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         ids = tokenizer.encode(prompt) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
-        new = generate_seq2seq(
-            model, torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
+        new = model.generate_seq2seq(
+            torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
             decoder_start_id=tokenizer.pad_id or 0, eos_id=tokenizer.eos_id,
             sample=lambda logits: sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                               generator=gen),
@@ -139,30 +135,7 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: i
                   seed=seed)[0].tolist()
         stop = tokenizer.eod_id
     else:
-        from toolkit.errors import ConfigError
-
         raise ConfigError(f"{type(model).__name__} is an encoder without a decoder; generation needs a GPT or T5 run")
     if stop in new:
         new = new[: new.index(stop)]
     return tokenizer.decode(new)
-
-
-def load_run(run_dir: str | Path, *, device: str = "cpu"):
-    """Model (latest checkpoint weights), tokenizer and config of a run directory."""
-    from toolkit.checkpoint import CheckpointManager, load_model_weights
-    from toolkit.config import load_config
-    from toolkit.tokenization import load_tokenizer
-    from toolkit.training.run import build_initialized_model
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir} is not a megaforge run directory (no config.yaml); pass the folder "
-                              "given as trainer.run_dir")
-    cfg = load_config(str(run_dir / "config.yaml"))
-    latest = CheckpointManager(run_dir / "checkpoints").latest()
-    if latest is None:
-        raise CheckpointError(f"{run_dir} has no complete checkpoint yet; train it first (megaforge train ...)")
-    tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
-    model = build_initialized_model(cfg, torch.device(device))
-    load_model_weights(latest, model)
-    return model, tokenizer, cfg

@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from toolkit.checkpoint.provenance import PROVENANCE_FILE, read_provenance
+from toolkit.convert.provenance import PROVENANCE_FILE, read_provenance
 from toolkit.errors import MegaforgeError, first_line
 from toolkit.model_card import CardOptions, ModelInfo, build_card
+
+logger = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
 #: files a Hugging Face model folder holds (weights are matched by WEIGHT_FILE)
@@ -229,8 +231,8 @@ def select_files(folder: Path, include: tuple[str, ...] = ()) -> tuple[list[tupl
 
 def publish(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
             dry_run: bool = False, overwrite_card: bool = False, card_options: CardOptions = CardOptions(),
-            include: tuple[str, ...] = (), commit_message: str | None = None, endpoint: str | None = None,
-            log: Callable[[str], None] | None = print) -> PublishPlan:
+            include: tuple[str, ...] = (), commit_message: str | None = None,
+            endpoint: str | None = None) -> PublishPlan:
     """Check ``folder``, write its model card and upload it to ``repo_id`` in one commit (see the module
     docstring). ``dry_run``: print what would be sent and the card; nothing is written or contacted."""
     folder = Path(folder).expanduser()
@@ -251,19 +253,16 @@ def publish(folder: str | Path, repo_id: str, *, private: bool = False, revision
     plan = PublishPlan(folder=folder, repo_id=repo_id, revision=revision, private=private, files=files, card=card,
                        card_kept=card_kept, skipped=skipped)
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-    if log and not card_kept and not card_options.license:
-        log("note: the generated card names no license; pass --license (e.g. apache-2.0, mit, cc-by-4.0)")
+    if not card_kept and not card_options.license:
+        logger.warning("note: the generated card names no license; pass --license (e.g. apache-2.0, mit, cc-by-4.0)")
     if dry_run:
-        if log:
-            log(describe(plan, endpoint, dry_run=True))
+        logger.info(describe(plan, endpoint, dry_run=True))
         return plan
-    if log:
-        log(describe(plan, endpoint, dry_run=False))
+    logger.info(describe(plan, endpoint, dry_run=False))
     plan.commit_url = _upload(plan, info, endpoint, commit_message)
     if not card_kept:  # written once published, so a failed upload leaves the folder as it was
         card_path.write_text(card)
-    if log:
-        log(f"published: {plan.commit_url}")
+    logger.info(f"published: {plan.commit_url}")
     return plan
 
 

@@ -1,7 +1,7 @@
 """The model card of a published export: ``README.md`` metadata (``huggingface_hub.ModelCardData``)
 and a body describing the training recipe, data, parallel layout, final metrics and how to load it,
 written from the ``megaforge.json`` that ``megaforge convert --to hf`` leaves in the export (see
-:mod:`toolkit.checkpoint.provenance`). Used by :func:`toolkit.hub.publish`.
+:mod:`toolkit.convert.provenance`). Used by :func:`toolkit.hub.publish`.
 """
 
 from __future__ import annotations

@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 
 from toolkit.config import RunConfig, list_recipes, load_config
-from toolkit.registry import build_model
+from toolkit.models.build import build_model
+from toolkit.training.run import setup_tokenizer
 
 
 def recipe_model_on_meta(cfg: RunConfig) -> torch.nn.Module:
     """The recipe's model on the meta device (vocabulary from the recipe or its default tokenizer)."""
     if cfg.model.vocab_size is None:
-        from toolkit.training.run import setup_tokenizer
-
         setup_tokenizer(cfg)
     with torch.device("meta"):
         return build_model(cfg.model)

@@ -1,129 +1,106 @@
-"""Name → builder registries for model families. Entries are explicit and greppable.
+"""Model families: the :class:`ModelSpec` each one declares, and the loader that finds them.
 
-Third-party packages can add families through the ``megaforge.models`` entry-point group; each entry
-point names a callable ``(ModelConfig, *, tensor_parallel_size) -> nn.Module``.
+A family is declared in exactly one place, its own package: ``toolkit/models/<family>/__init__.py``
+defines ``SPEC = ModelSpec(...)`` — how to build the model, its tensor-parallel plan, pipeline split,
+Hugging Face adapter, pretraining objective and datasets, default tokenizer and config checks.
+The built-in families are every package under ``toolkit/models/`` that defines ``SPEC``; other
+distributions add families through the ``megaforge.models`` entry-point group (an entry point names
+a ``ModelSpec``, or a callable returning one)::
+
+    [project.entry-points."megaforge.models"]
+    toy = "my_package.toy:SPEC"
+
+Nothing here imports a family: specs are loaded by module name when first asked for, so the layers
+below (config, parallel) can ask about families without depending on any of them.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
 
-from torch import nn
-
-from toolkit.config import ModelConfig
 from toolkit.errors import ConfigError, closest
 
-ModelBuilder = Callable[..., nn.Module]
+ENTRY_POINT_GROUP = "megaforge.models"
+_MODELS_DIR = Path(__file__).resolve().parent / "models"  # the built-in family packages live here
 
 
-def _gpt(cfg: ModelConfig, *, tensor_parallel_size: int = 1) -> nn.Module:
-    from toolkit.models.gpt import GPTModel
+@dataclass(frozen=True, kw_only=True)
+class PipelineObjective:
+    """A family objective split for pipeline parallelism: the first stage receives ``inputs``, the
+    last stage's output goes to ``loss`` with the target (see ``toolkit.parallel.pipeline``)."""
 
-    return GPTModel(cfg, tensor_parallel_size=tensor_parallel_size)
-
-
-def _bert(cfg: ModelConfig, *, tensor_parallel_size: int = 1) -> nn.Module:
-    from toolkit.models.bert import BertModel
-
-    return BertModel(cfg, tensor_parallel_size=tensor_parallel_size)
+    inputs: Callable[[dict], tuple[tuple, dict, Any]]  # batch on device -> (args, kwargs, target)
+    loss: Callable[[Any, Any], Any]  # (last stage output, target) -> mean loss
 
 
-def _t5(cfg: ModelConfig, *, tensor_parallel_size: int = 1) -> nn.Module:
-    from toolkit.models.t5 import T5Model
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """Everything megaforge needs to know about one model family."""
 
-    return T5Model(cfg, tensor_parallel_size=tensor_parallel_size)
+    name: str  # the model.family value recipes use
+    build: Callable[..., Any]  # (ModelConfig, *, tensor_parallel_size) -> single-device nn.Module (build on meta)
+    objective: Callable[[Any, dict], Any]  # (model, batch on device) -> mean pretraining loss
+    datasets: Callable[..., tuple]  # (cfg, tokenizer, prefixes, (n_train, n_valid, n_test)) -> (train, valid, test)
+    default_tokenizer: str  # shipped tokenizer used when tokenizer.path is unset
+    tokens_per_sample: Callable[[Any], int]  # RunConfig -> tokens one sample trains on (tokens/s, MFU)
+    tensor_parallel: Callable[..., Any] | None = None  # (model, tp_mesh, *, sequence_parallel) -> model; None: no TP
+    pipeline_split: Callable[..., Any] | None = None  # (model, layer_ids, *, first, last) -> stage; None: no PP
+    pipeline_objective: PipelineObjective | None = None  # the objective split for PP (needed with pipeline_split)
+    hf_adapter: Any = None  # toolkit.mapping.FamilyAdapter: Hugging Face targets and legacy Megatron-LM table
+    validate: Callable[[Any], None] | None = None  # RunConfig -> None; raises ConfigError on a bad family setting
+
+    def __post_init__(self) -> None:
+        if (self.pipeline_split is None) != (self.pipeline_objective is None):
+            raise ValueError(f"model family {self.name!r}: pipeline_split and pipeline_objective go together")
 
 
-MODELS: dict[str, ModelBuilder] = {
-    "gpt": _gpt,
-    "bert": _bert,
-    "t5": _t5,
-}
+def _builtin_names() -> list[str]:
+    return sorted(p.name for p in _MODELS_DIR.iterdir() if (p / "__init__.py").is_file() and p.name != "common")
 
 
-def _plugins() -> dict[str, ModelBuilder]:
+def _as_spec(obj: Any, where: str) -> ModelSpec:
+    spec = obj() if callable(obj) and not isinstance(obj, ModelSpec) else obj
+    if not isinstance(spec, ModelSpec):
+        raise ConfigError(f"{where} is not a toolkit.registry.ModelSpec (got {type(spec).__name__})")
+    return spec
+
+
+@lru_cache(maxsize=None)
+def _specs() -> dict[str, ModelSpec]:
     from importlib.metadata import entry_points
 
-    return {ep.name: ep.load() for ep in entry_points(group="megaforge.models")}
+    specs: dict[str, ModelSpec] = {}
+    for name in _builtin_names():
+        module = importlib.import_module(f"toolkit.models.{name}")
+        if hasattr(module, "SPEC"):
+            specs[module.SPEC.name] = _as_spec(module.SPEC, f"toolkit.models.{name}.SPEC")
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in specs:
+            continue  # a built-in family keeps its name
+        try:
+            obj = ep.load()
+        except Exception as e:  # a broken plugin names itself instead of failing every command
+            raise ConfigError(f"entry point {ENTRY_POINT_GROUP}:{ep.name} ({ep.value}) cannot be loaded: "
+                              f"{type(e).__name__}: {e}") from None
+        spec = _as_spec(obj, f"entry point {ENTRY_POINT_GROUP}:{ep.name} ({ep.value})")
+        specs[ep.name] = spec
+    return specs
 
 
-def model_builder(family: str) -> ModelBuilder:
-    if family in MODELS:
-        return MODELS[family]
-    plugins = _plugins()
-    if family in plugins:
-        return plugins[family]
-    hint = closest(family, list(MODELS) + list(plugins))
-    raise ConfigError(f"model.family={family!r} is not registered" + (f"; did you mean '{hint}'?" if hint else ""))
+def families() -> list[str]:
+    """Names of every registered model family (built-in first, then plugins)."""
+    return list(_specs())
 
 
-# family → its tensor/sequence-parallel plan: ``(model, tp_mesh, *, sequence_parallel) -> model``.
-# The plan functions live in ``toolkit/models/<family>/parallelize.py``; ``toolkit.parallel`` receives
-# the function and never imports a family itself.
-TensorParallelPlan = Callable[..., nn.Module]
-
-
-def _gpt_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool) -> nn.Module:
-    from toolkit.models.gpt.parallelize import parallelize_gpt
-
-    return parallelize_gpt(model, tp_mesh, sequence_parallel=sequence_parallel)
-
-
-def _bert_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool) -> nn.Module:
-    from toolkit.models.bert.parallelize import parallelize_bert
-
-    return parallelize_bert(model, tp_mesh, sequence_parallel=sequence_parallel)
-
-
-def _t5_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool) -> nn.Module:
-    from toolkit.models.t5.parallelize import parallelize_t5
-
-    return parallelize_t5(model, tp_mesh, sequence_parallel=sequence_parallel)
-
-
-TENSOR_PARALLEL_PLANS: dict[str, TensorParallelPlan] = {
-    "gpt": _gpt_tp,
-    "bert": _bert_tp,
-    "t5": _t5_tp,
-}
-
-
-def tensor_parallel_plan(family: str) -> TensorParallelPlan | None:
-    """The family's tensor-parallel plan, or None when it has none."""
-    return TENSOR_PARALLEL_PLANS.get(family)
-
-
-# family → its pipeline split: ``(model, layer_ids, *, first, last) -> stage module``. The stage keeps
-# the layers ``layer_ids`` of the model's ``layers`` ModuleDict (keyed by global index, so names stay
-# single-device), the embedding when ``first``, the final norm / output heads when ``last`` — and on a
-# last stage that is not first, a copy of a tied word embedding under its own name (kept in sync by
-# ``toolkit.parallel.pipeline``). Functions live in ``toolkit/models/<family>/parallelize.py``.
-PipelineSplit = Callable[..., nn.Module]
-
-
-def _gpt_pp(model: nn.Module, layer_ids, *, first: bool, last: bool) -> nn.Module:
-    from toolkit.models.gpt.parallelize import pipeline_split_gpt
-
-    return pipeline_split_gpt(model, layer_ids, first=first, last=last)
-
-
-def _bert_pp(model: nn.Module, layer_ids, *, first: bool, last: bool) -> nn.Module:
-    from toolkit.models.bert.parallelize import pipeline_split_bert
-
-    return pipeline_split_bert(model, layer_ids, first=first, last=last)
-
-
-PIPELINE_SPLITS: dict[str, PipelineSplit] = {
-    "gpt": _gpt_pp,
-    "bert": _bert_pp,
-}
-
-
-def pipeline_split(family: str) -> PipelineSplit | None:
-    """The family's pipeline split, or None when it has none (pipeline parallelism is then refused)."""
-    return PIPELINE_SPLITS.get(family)
-
-
-def build_model(cfg: ModelConfig, *, tensor_parallel_size: int = 1) -> nn.Module:
-    """Build the family's single-device module on the current default device (use ``torch.device('meta')``)."""
-    return model_builder(cfg.family)(cfg, tensor_parallel_size=tensor_parallel_size)
+def get_spec(family: str) -> ModelSpec:
+    """The :class:`ModelSpec` of ``family``; a one-line :class:`ConfigError` naming the closest one."""
+    specs = _specs()
+    if family not in specs:
+        hint = closest(str(family), list(specs))
+        raise ConfigError(f"model.family={family!r} is not one of {', '.join(specs)}"
+                          + (f"; did you mean '{hint}'?" if hint else ""))
+    return specs[family]

@@ -10,8 +10,8 @@ import torch
 
 from toolkit.checkpoint import CheckpointManager
 from toolkit.config import ModelConfig, RunConfig, save_config
+from toolkit.models.build import build_initialized_model
 from toolkit.tokenization import load_tokenizer
-from toolkit.training.run import build_initialized_model
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

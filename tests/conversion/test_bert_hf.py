@@ -19,9 +19,10 @@ from tests.conversion.conftest import (
     save_hf_model,
     transformers,
 )
-from toolkit.checkpoint.hf import export_hf, import_hf, load_megaforge_model
+from toolkit.checkpoint import load_megaforge_model
 from toolkit.cli import main
 from toolkit.config import ModelConfig
+from toolkit.convert import export_hf, import_hf
 from toolkit.errors import CheckpointError
 from toolkit.models.bert.hf import select_target
 
@@ -42,7 +43,7 @@ def imported(request, tmp_path_factory):
     kind, kw, _, _ = HF_CASES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     hf_model = save_hf_model(kind, root / "hf", **kw)
-    out = import_hf(root / "hf", root / "mf", log=None)
+    out = import_hf(root / "hf", root / "mf")
     return request.param, root, hf_model, out
 
 
@@ -59,7 +60,7 @@ def test_import_matches_transformers(imported):
 
 def test_round_trip_is_bit_identical(imported):
     _, root, _, out = imported
-    export_hf(out, root / "back", log=None)
+    export_hf(out, root / "back")
     assert_same_safetensors(root / "hf", root / "back")
     # the exported class is the one imported: *ForMaskedLM stays without pooler and NSP head
     assert (json.loads((root / "back" / "config.json").read_text())["architectures"]
@@ -69,12 +70,12 @@ def test_round_trip_is_bit_identical(imported):
 def test_round_trip_with_vocabulary_padded_for_tp2(tmp_path):
     # 1100 ids: padded to 1152 for tp=1 but 1280 for tp=2 (128 × 2); the padding never leaks out
     hf_model = save_hf_model("megatron-bert", tmp_path / "hf", vocab_size=1100)
-    out = import_hf(tmp_path / "hf", tmp_path / "mf", tensor_parallel_size=2, log=None)
+    out = import_hf(tmp_path / "hf", tmp_path / "mf", tensor_parallel_size=2)
     ours, cfg, _ = load_megaforge_model(out)
     assert cfg.parallel.tensor_model_parallel_size == 2 and ours.embed.tokens.weight.shape[0] == 1280
     assert ours.lm_head.bias.shape[0] == 1280 and not ours.lm_head.bias[1100:].any()
     assert mlm_logit_diff(ours, hf_model, 1100) <= TOL
-    export_hf(out, tmp_path / "back", log=None)
+    export_hf(out, tmp_path / "back")
     assert_same_safetensors(tmp_path / "hf", tmp_path / "back")
 
 
@@ -86,7 +87,7 @@ def test_export_loads_in_transformers(tmp_path, style, tokenizer, cls):
     run, model = make_run(tmp_path / "run", dict(style, make_vocab_size_divisible_by=96), tokenizer=tokenizer)
     vocab = model.vocab_size
     assert model.padded_vocab_size > vocab
-    out = export_hf(run, tmp_path / "hf", verify=True, log=None)
+    out = export_hf(run, tmp_path / "hf", verify=True)
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json"} <= files
@@ -106,7 +107,7 @@ def test_export_loads_in_transformers(tmp_path, style, tokenizer, cls):
 def test_model_without_binary_head_or_token_types_exports_to_masked_lm(tmp_path):
     run, model = make_run(tmp_path / "run", dict(BERT_STYLE, bert_binary_head=False, num_tokentypes=0),
                           tokenizer="english-wordpiece")
-    out = export_hf(run, tmp_path / "hf", verify=True, log=None)
+    out = export_hf(run, tmp_path / "hf", verify=True)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["BertForMaskedLM"] and config["type_vocab_size"] == 2
     weights = read_safetensors(out)
@@ -119,7 +120,7 @@ def test_model_without_binary_head_or_token_types_exports_to_masked_lm(tmp_path)
 
 def test_fill_mask_pipeline_runs_offline(tmp_path):
     run, model = make_run(tmp_path / "run", MEGATRON_BERT_STYLE, tokenizer="clinical-wordpiece")
-    out = export_hf(run, tmp_path / "hf", log=None)
+    out = export_hf(run, tmp_path / "hf")
     tok = transformers.AutoTokenizer.from_pretrained(out)
     ours_tok = load_megaforge_model(run)[2]
     text = "Patient denies chest pain and [MASK] of breath."
@@ -171,13 +172,13 @@ def test_headless_or_unsupported_checkpoints_are_one_line_errors(tmp_path):
     bad = dict(weights, **{"bert.encoder.layer.1.intermediate.dense.weight": torch.zeros(48, 7)})
     save_file(bad, hf / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="bert.encoder.layer.1.intermediate.dense.weight") as e:
-        import_hf(hf, tmp_path / "out1", log=None)
+        import_hf(hf, tmp_path / "out1")
     assert "\n" not in str(e.value)
     # a BertModel checkpoint (no masked-LM head)
     headless = {k: v for k, v in weights.items() if not k.startswith("cls.")}
     save_file(headless, hf / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="no masked-LM head"):
-        import_hf(hf, tmp_path / "out2", log=None)
+        import_hf(hf, tmp_path / "out2")
     # an unsupported setting in config.json
     save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((hf / "config.json").read_text())
@@ -205,7 +206,7 @@ def test_cli_export_verify_exit_codes(tmp_path, capsys):
 
 
 def test_zero_token_types_transform_is_exact_inverse():
-    from toolkit.checkpoint.hf_mapping import TRANSFORMS, MappingContext
+    from toolkit.mapping.tables import TRANSFORMS, MappingContext
 
     ctx = MappingContext(num_layers=1, hidden_size=3, num_heads=1, num_kv_heads=1, head_dim=3, vocab_size=10,
                          padded_vocab_size=16, flags={})

@@ -18,11 +18,12 @@ from tests.conversion.conftest import (
     save_hf_model,
     transformers,
 )
-from toolkit.checkpoint.hf import export_hf, import_hf, load_megaforge_model
-from toolkit.checkpoint.hf_mapping import TRANSFORMS, MappingContext
+from toolkit.checkpoint import load_megaforge_model
 from toolkit.cli import main
+from toolkit.convert import export_hf, import_hf
 from toolkit.errors import CheckpointError
 from toolkit.generation import generate
+from toolkit.mapping.tables import TRANSFORMS, MappingContext
 from toolkit.models.gpt.hf import GPT2_TABLE, LLAMA_TABLE, select_target
 
 TOL = 1e-4
@@ -42,7 +43,7 @@ def imported(request, tmp_path_factory):
     kind, kw = HF_CASES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     hf_model = save_hf_model(kind, root / "hf", **kw)
-    out = import_hf(root / "hf", root / "mf", log=None)
+    out = import_hf(root / "hf", root / "mf")
     return root, hf_model, out
 
 
@@ -56,7 +57,7 @@ def test_import_matches_transformers(imported):
 
 def test_round_trip_is_bit_identical(imported):
     root, _, out = imported
-    export_hf(out, root / "back", log=None)
+    export_hf(out, root / "back")
     assert_same_safetensors(root / "hf", root / "back")
 
 
@@ -64,7 +65,7 @@ def test_export_gpt2_style_run_loads_in_transformers(tmp_path):
     # make_vocab_size_divisible_by=96 pads english-bpe's 8192 ids to 8256: the export must cut the padding
     run, model = make_run(tmp_path / "run", dict(GPT2_STYLE, make_vocab_size_divisible_by=96))
     assert model.padded_vocab_size > model.vocab_size
-    out = export_hf(run, tmp_path / "hf", verify=True, log=None)
+    out = export_hf(run, tmp_path / "hf", verify=True)
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "tokenizer_config.json", "special_tokens_map.json"} <= files
@@ -92,7 +93,7 @@ def test_export_gpt2_style_run_loads_in_transformers(tmp_path):
 
 def test_export_llama_style_run_with_gqa(tmp_path):
     run, model = make_run(tmp_path / "run", LLAMA_STYLE)
-    out = export_hf(run, tmp_path / "hf", verify=True, log=None)
+    out = export_hf(run, tmp_path / "hf", verify=True)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2
     assert config["tie_word_embeddings"] is False
@@ -104,7 +105,7 @@ def test_export_llama_style_run_with_gqa(tmp_path):
 
 def test_sharded_export_loads(tmp_path):
     run, model = make_run(tmp_path / "run", LLAMA_STYLE)
-    out = export_hf(run, tmp_path / "hf", max_shard_size="200KB", log=None)
+    out = export_hf(run, tmp_path / "hf", max_shard_size="200KB")
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 1 and not (out / "model.safetensors").exists()
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -112,7 +113,7 @@ def test_sharded_export_loads(tmp_path):
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert max_logit_diff(model, hf_model, 8192) <= TOL
     # importing the shards back gives our weights exactly (8192 ids need no vocabulary padding)
-    back, _, _ = load_megaforge_model(import_hf(out, tmp_path / "mf", log=None))
+    back, _, _ = load_megaforge_model(import_hf(out, tmp_path / "mf"))
     back_state = back.state_dict()
     for name, t in model.state_dict().items():
         assert torch.equal(back_state[name], t), name
@@ -120,7 +121,7 @@ def test_sharded_export_loads(tmp_path):
 
 def test_bf16_export_verifies(tmp_path):
     run, _ = make_run(tmp_path / "run", GPT2_STYLE)
-    out = export_hf(run, tmp_path / "hf", dtype="bf16", verify=True, log=None)
+    out = export_hf(run, tmp_path / "hf", dtype="bf16", verify=True)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(str(out / "model.safetensors"), "pt") as h:
         assert h.get_tensor("transformer.wte.weight").dtype == torch.bfloat16
@@ -210,4 +211,4 @@ def test_unsupported_model_type_is_clear(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     with pytest.raises(CheckpointError, match="model_type 'mamba' is not supported"):
-        import_hf(tmp_path / "x", tmp_path / "out", log=None)
+        import_hf(tmp_path / "x", tmp_path / "out")

@@ -23,12 +23,13 @@ from tests.conversion.conftest import (
     perturb,
     transformers,
 )
-from toolkit.checkpoint.hf import export_hf, load_megaforge_model
-from toolkit.checkpoint.megatron_legacy import import_megatron
+from toolkit.checkpoint import load_megaforge_model
 from toolkit.cli import main
 from toolkit.config import ModelConfig, RunConfig
+from toolkit.convert import export_hf
+from toolkit.convert.megatron_legacy import import_megatron
 from toolkit.errors import CheckpointError
-from toolkit.training.run import build_initialized_model
+from toolkit.models.build import build_initialized_model
 
 VOCAB = 1000
 # native checkpoints load through DCP without a process group, on purpose
@@ -209,7 +210,7 @@ def test_legacy_gpt_tp2_pp2(tmp_path, version):
                              activation="gelu_tanh", hidden_dropout=0.0, attention_dropout=0.0)
     args = gpt_args(cfg, 2, 2, bias_gelu_fusion=True, openai_gelu=False, swiglu=False, add_bias_linear=True)
     src = write_megatron(tmp_path / "megatron", model, cfg, args, tp=2, pp=2, version=version)
-    out = import_megatron(src, tmp_path / "mf", vocab_size=VOCAB, log=None)
+    out = import_megatron(src, tmp_path / "mf", vocab_size=VOCAB)
     ours, imported_cfg, _ = load_megaforge_model(out)
     assert imported_cfg.model.activation == "gelu_tanh" and imported_cfg.model.vocab_size == VOCAB
     assert max_logit_diff(ours, model, VOCAB) <= 1e-5
@@ -241,7 +242,7 @@ def test_megatron_core_names_gqa_swiglu(tmp_path, monkeypatch, tp, pp, vp):
     src = write_megatron(tmp_path / "megatron", model, cfg, args, tp=tp, pp=pp, vp=vp, mcore=True)
     for name in [n for n in sys.modules if n.startswith("megatron")]:
         monkeypatch.delitem(sys.modules, name)  # the importer must not need megatron installed
-    out = import_megatron(src, tmp_path / "mf", log=None)
+    out = import_megatron(src, tmp_path / "mf")
     ours, imported_cfg, _ = load_megaforge_model(out)
     m = imported_cfg.model
     assert (m.num_query_groups, m.activation, m.normalization, m.share_embeddings_and_output_weights) == \
@@ -260,7 +261,7 @@ def test_non_allow_listed_global_is_refused(tmp_path, capsys):
     (tmp_path / "bad" / "latest_checkpointed_iteration.txt").write_text("release")
     torch.save({"args": argparse.Namespace(payload=Evil()), "model": {}}, folder / "model_optim_rng.pt")
     with pytest.raises(CheckpointError, match="refusing to unpickle 'builtins.print'") as e:
-        import_megatron(tmp_path / "bad", tmp_path / "out", log=None)
+        import_megatron(tmp_path / "bad", tmp_path / "out")
     assert "\n" not in str(e.value)
     assert main(["convert", str(tmp_path / "bad"), str(tmp_path / "out"), "--to", "megaforge"]) == 2
     captured = capsys.readouterr()
@@ -294,7 +295,7 @@ def test_legacy_bert_matches_exported_megatron_bert(tmp_path, tp, pp, version, b
     assert (m.family, m.layernorm_position, m.bert_binary_head, m.num_tokentypes, m.activation) == \
         ("bert", "pre", binary, cfg.num_tokentypes, cfg.activation)
     assert mlm_logit_diff(ours, model, VOCAB) <= 1e-5
-    out = export_hf(tmp_path / "mf", tmp_path / "hf", log=None)
+    out = export_hf(tmp_path / "mf", tmp_path / "hf")
     cls = "MegatronBertForPreTraining" if binary else "MegatronBertForMaskedLM"
     hf_model = getattr(transformers, cls).from_pretrained(out, dtype=torch.float32).eval()
     assert mlm_logit_diff(model, hf_model, VOCAB) <= 1e-4
@@ -305,4 +306,4 @@ def test_legacy_bert_without_lm_head_is_refused(tmp_path):
     # a fine-tuned classifier keeps the encoder (and its own head) but no masked-LM head
     src = write_megatron_bert(tmp_path / "megatron", model, cfg, gpt_args(cfg, 1, 1), tp=1, pp=1, lm_head=False)
     with pytest.raises(CheckpointError, match="no lm_head"):
-        import_megatron(src, tmp_path / "mf", log=None)
+        import_megatron(src, tmp_path / "mf")

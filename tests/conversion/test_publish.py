@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import run_cli
 from tests.conversion.conftest import GPT2_STYLE, make_run
 from tests.conversion.hub_server import HubServer
-from toolkit.checkpoint.hf import export_hf
 from toolkit.cli import main
+from toolkit.convert.hf import export_hf
 from toolkit.hub import CardOptions, PublishError, publish
 
 pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
@@ -42,7 +42,7 @@ def export(tmp_path_factory) -> Path:
     state = run / "checkpoints" / "step_1" / "trainer_state.json"
     state.write_text(json.dumps({"step": 3, "consumed_samples": 48, "layout": LAYOUT, "seed": 7}))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in METRICS))
-    return export_hf(run, root / "hf", log=None)
+    return export_hf(run, root / "hf")
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_publish_uploads_one_commit_and_downloads_back_identical(folder, tmp_pat
 
 
 def test_card_holds_recipe_layout_and_final_metrics(folder, hub, capsys):
-    plan = publish(folder, "tester/tiny-gpt", dry_run=True, log=None,
+    plan = publish(folder, "tester/tiny-gpt", dry_run=True,
                    card_options=CardOptions(license="mit", tags=("demo",), datasets=("tester/notes",),
                                             base_model="openai-community/gpt2"))
     card = ModelCard(plan.card)
@@ -127,7 +127,7 @@ def test_dry_run_sends_and_writes_nothing(folder, hub, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert hub.requests == [] and attempts == []
     assert files_of(folder) == before
-    for name, data in before.items():
+    for name, _data in before.items():
         assert name in out
     size = (folder / "model.safetensors").stat().st_size
     assert f"{size / 2**20:.1f} MiB" in out or f"{size / 2**10:.1f} KiB" in out
@@ -136,8 +136,8 @@ def test_dry_run_sends_and_writes_nothing(folder, hub, capsys, monkeypatch):
 
 def test_existing_card_is_kept_unless_overwrite(folder, hub):
     (folder / "README.md").write_text("---\nlicense: mit\n---\n\n# my own card\n")
-    assert publish(folder, "tester/a", dry_run=True, log=None).card.endswith("# my own card\n")
-    assert "## Training recipe" in publish(folder, "tester/a", dry_run=True, overwrite_card=True, log=None).card
+    assert publish(folder, "tester/a", dry_run=True).card.endswith("# my own card\n")
+    assert "## Training recipe" in publish(folder, "tester/a", dry_run=True, overwrite_card=True).card
 
 
 @pytest.mark.parametrize("name", ["train.jsonl", "notes.txt", "corpus.bin", "corpus.idx", "__0_0.distcp",
@@ -201,7 +201,7 @@ def test_private_and_revision_reach_the_server(folder, hub, tmp_path, capsys):
     assert any(r.path == "/api/models/tester/private-gpt/branch/v1" for r in hub.requests)
     assert set(repo.resolve("main").files) == {".gitattributes"}  # main untouched: the commit went to v1
     assert {"config.json", "model.safetensors", "README.md"} <= set(repo.resolve("v1").files)
-    with pytest.raises(Exception):  # private: no download without the token
+    with pytest.raises(Exception):  # noqa: B017 - private: no download without the token, whatever the error class
         snapshot_download("tester/private-gpt", endpoint=hub.url, token=False, revision="v1", cache_dir=tmp_path / "c")
     back = download(hub, "tester/private-gpt", tmp_path / "cache", revision="v1")
     assert (back / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
@@ -209,10 +209,10 @@ def test_private_and_revision_reach_the_server(folder, hub, tmp_path, capsys):
 
 
 def test_private_into_existing_public_repo_is_refused(folder, hub):
-    publish(folder, "tester/public-gpt", log=None)
+    publish(folder, "tester/public-gpt")
     commits = len(hub.repos["tester/public-gpt"].commits)
     with pytest.raises(PublishError, match="already exists and is public"):
-        publish(folder, "tester/public-gpt", private=True, log=None)
+        publish(folder, "tester/public-gpt", private=True)
     assert len(hub.repos["tester/public-gpt"].commits) == commits
 
 

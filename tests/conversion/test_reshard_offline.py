@@ -12,10 +12,10 @@ import torch
 
 from tests.conftest import run_cli
 from tests.conversion.conftest import GPT2_STYLE, LLAMA_STYLE, assert_same_safetensors, make_run, save_hf_model
-from toolkit.checkpoint import CheckpointManager
-from toolkit.checkpoint.hf import convert, load_megaforge_model
+from toolkit.checkpoint import CheckpointManager, load_megaforge_model
 from toolkit.checkpoint.reshard import has_optimizer_state
 from toolkit.config import load_config
+from toolkit.convert import convert
 from toolkit.errors import CheckpointError, ParallelConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
@@ -25,18 +25,18 @@ VOCAB = 1100  # padded to 1152 at tp=1 (9 × 128) and 1280 at tp=2 (5 × 256)
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_hf_to_megaforge_at_tp2_and_back_is_bit_identical(kind, tmp_path):
     save_hf_model(kind, tmp_path / "hf", vocab_size=VOCAB)
-    out = convert(tmp_path / "hf", tmp_path / "mf", to="megaforge", tensor_parallel=2, log=None)
+    out = convert(tmp_path / "hf", tmp_path / "mf", to="megaforge", tensor_parallel=2)
     cfg = load_config(str(out / "config.yaml"))
     assert cfg.parallel.tensor_model_parallel_size == 2
     ours, _, _ = load_megaforge_model(out)  # built for tp=2 from its config: 1280 rows
     assert ours.padded_vocab_size == 1280 and ours.embed.tokens.weight.shape[0] == 1280
-    convert(out, tmp_path / "back", to="hf", log=None)
+    convert(out, tmp_path / "back", to="hf")
     assert_same_safetensors(tmp_path / "hf", tmp_path / "back")
 
 
 def _with_optimizer_state(run, model_kw):
     """Give a run's checkpoint Adam moments (two optimizer steps on random data)."""
-    from toolkit.training.optim import build_optimizer
+    from toolkit.optim import build_optimizer
 
     model, cfg, _ = load_megaforge_model(run)
     model.train()
@@ -63,8 +63,8 @@ def test_cli_reshards_model_and_optimizer_state(tmp_path):
     assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.trainer.run_dir == str(dst)
 
     # load it back (model + optimizer, built for tp=2) and compare every real row with the source
-    from toolkit.registry import build_model
-    from toolkit.training.optim import build_optimizer
+    from toolkit.models.build import build_model
+    from toolkit.optim import build_optimizer
 
     with torch.device("meta"):
         new = build_model(cfg.model, tensor_parallel_size=2)
@@ -89,13 +89,13 @@ def test_cli_reshards_model_and_optimizer_state(tmp_path):
 def test_bad_layout_and_output_are_one_line_errors(tmp_path):
     run, _ = make_run(tmp_path / "run", GPT2_STYLE, vocab_size=VOCAB)
     with pytest.raises(ParallelConfigError, match="num_attention_heads=4 is not divisible"):
-        convert(run, tmp_path / "tp3", to="megaforge", tensor_parallel=3, log=None)
+        convert(run, tmp_path / "tp3", to="megaforge", tensor_parallel=3)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
     with pytest.raises(CheckpointError, match="not empty"):
-        convert(run, tmp_path / "full", to="megaforge", tensor_parallel=2, log=None)
+        convert(run, tmp_path / "full", to="megaforge", tensor_parallel=2)
     assert (tmp_path / "full" / "x").read_text() == "keep me"
     with pytest.raises(CheckpointError, match="apply to --to megaforge"):
-        convert(run, tmp_path / "hf", to="hf", tensor_parallel=2, log=None)
+        convert(run, tmp_path / "hf", to="hf", tensor_parallel=2)
     out = run_cli("convert", str(run), str(tmp_path / "tp3"), "--to", "megaforge", "--tensor-parallel", "3")
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from toolkit.checkpoint.streaming import SafetensorsSource
+from toolkit.convert.streaming import SafetensorsSource
 from toolkit.errors import CheckpointError
 
 TENSORS = {"w": torch.randn(3, 5), "half": torch.randn(7).to(torch.bfloat16), "mask": torch.tensor([True, False]),

@@ -19,8 +19,9 @@ from tests.conversion.conftest import (
     seq2seq_logit_diff,
     transformers,
 )
-from toolkit.checkpoint.hf import export_hf, import_hf, load_megaforge_model
+from toolkit.checkpoint import load_megaforge_model
 from toolkit.cli import main
+from toolkit.convert import export_hf, import_hf
 from toolkit.errors import CheckpointError
 from toolkit.models.t5 import generate_seq2seq
 
@@ -40,7 +41,7 @@ def imported(request, tmp_path_factory):
     kind, kw, _, _ = HF_CASES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     hf_model = save_hf_model(kind, root / "hf", **kw)
-    out = import_hf(root / "hf", root / "mf", log=None)
+    out = import_hf(root / "hf", root / "mf")
     return request.param, root, hf_model, out
 
 
@@ -59,18 +60,18 @@ def test_import_matches_transformers(imported):
 
 def test_round_trip_is_bit_identical(imported):
     _, root, _, out = imported
-    export_hf(out, root / "back", log=None)
+    export_hf(out, root / "back")
     assert_same_safetensors(root / "hf", root / "back")
 
 
 def test_round_trip_with_vocabulary_padded_for_tp2(tmp_path):
     # 1100 ids: padded to 1152 for tp=1 but 1280 for tp=2; shared and the untied lm_head come back exact
     hf_model = save_hf_model("t5-v1_1", tmp_path / "hf", vocab_size=1100)
-    out = import_hf(tmp_path / "hf", tmp_path / "mf", tensor_parallel_size=2, log=None)
+    out = import_hf(tmp_path / "hf", tmp_path / "mf", tensor_parallel_size=2)
     ours, cfg, _ = load_megaforge_model(out)
     assert ours.embed.weight.shape[0] == 1280 and ours.head.weight.shape[0] == 1280
     assert seq2seq_logit_diff(ours, hf_model, 1100) <= TOL
-    export_hf(out, tmp_path / "back", log=None)
+    export_hf(out, tmp_path / "back")
     assert "lm_head.weight" in assert_same_safetensors(tmp_path / "hf", tmp_path / "back")
 
 
@@ -79,7 +80,7 @@ def test_export_loads_in_transformers(tmp_path, style):
     run, model = make_run(tmp_path / "run", dict(style, make_vocab_size_divisible_by=96), tokenizer="english-t5-spm")
     vocab = model.vocab_size
     assert model.padded_vocab_size > vocab  # 8000 → 8064: the export cuts it
-    out = export_hf(run, tmp_path / "hf", verify=True, log=None)
+    out = export_hf(run, tmp_path / "hf", verify=True)
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "spiece.model", "tokenizer.json",
             "tokenizer_config.json", "special_tokens_map.json"} <= files
@@ -118,7 +119,7 @@ def test_untied_checkpoint_saved_tied_by_transformers5_imports_with_copied_head(
                                                              "scale_decoder_outputs": False}))
     hf_model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert torch.equal(hf_model.lm_head.weight, model.shared.weight)
-    ours, cfg, _ = load_megaforge_model(import_hf(tmp_path / "hf", tmp_path / "mf", log=None))
+    ours, cfg, _ = load_megaforge_model(import_hf(tmp_path / "hf", tmp_path / "mf"))
     assert cfg.model.share_embeddings_and_output_weights is False
     assert torch.equal(ours.head.weight, ours.embed.weight)
     assert seq2seq_logit_diff(ours, hf_model, 1000) <= TOL
@@ -150,13 +151,13 @@ def test_unsupported_or_mismatched_checkpoints_are_one_line_errors(tmp_path):
     name = "decoder.block.2.layer.1.EncDecAttention.k.weight"
     save_file(dict(weights, **{name: torch.zeros(32, 5)}), hf / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=name.replace(".", r"\.")) as e:
-        import_hf(hf, tmp_path / "out1", log=None)
+        import_hf(hf, tmp_path / "out1")
     assert "\n" not in str(e.value)
     save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**config, "feed_forward_proj": "gated-relu"}))
     with pytest.raises(CheckpointError, match="feed_forward_proj='gated-relu' is not supported"):
-        import_hf(hf, tmp_path / "out2", log=None)
+        import_hf(hf, tmp_path / "out2")
 
 
 def test_cli_round_trip_with_verify(tmp_path, capsys):
@@ -168,7 +169,7 @@ def test_cli_round_trip_with_verify(tmp_path, capsys):
 
 
 def test_table_expands_encoder_and_decoder_stacks_separately():
-    from toolkit.checkpoint.hf_mapping import MappingContext
+    from toolkit.mapping.tables import MappingContext
     from toolkit.models.t5.hf import T5_TABLE
 
     ctx = MappingContext(num_layers=2, hidden_size=8, num_heads=2, num_kv_heads=2, head_dim=4, vocab_size=10,

@@ -133,7 +133,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path):
 def assert_user_error(out: subprocess.CompletedProcess, *needles: str):
     assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
     assert "Traceback" not in out.stderr
-    lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1, out.stderr
     for n in needles:
         assert n in lines[0], lines[0]

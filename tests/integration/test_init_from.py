@@ -10,9 +10,9 @@ import torch
 
 from tests.conftest import run_cli
 from tests.conversion.conftest import GPT2_STYLE, make_run, transformers
-from toolkit.checkpoint.hf import export_hf
+from toolkit.checkpoint import load_megaforge_model
 from toolkit.config import load_config
-from toolkit.generation import load_run
+from toolkit.convert.hf import export_hf
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 # lr 0 (and so no weight decay either): the run's final weights are the initial ones
@@ -27,12 +27,12 @@ def hf_folder(tmp_path_factory) -> Path:
     """A GPT-2 model in Hugging Face format with its tokenizer (a tiny random run, exported)."""
     root = tmp_path_factory.mktemp("hf")
     run, _ = make_run(root / "run", GPT2_STYLE)
-    return export_hf(run, root / "hf", log=None)
+    return export_hf(run, root / "hf")
 
 
 @torch.no_grad()
 def _logit_diff(run_dir: Path, hf_dir: Path) -> float:
-    ours, _, _ = load_run(run_dir)
+    ours, _, _ = load_megaforge_model(run_dir)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     vocab = theirs.config.vocab_size
     ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -67,7 +67,7 @@ def test_training_starts_from_another_run(hf_folder: Path, tmp_path: Path):
     second = tmp_path / "second"
     out = run_cli("train", "gpt-tiny", *FROZEN, f"checkpoint.init_from={first}", f"trainer.run_dir={second}")
     assert out.returncode == 0, out.stderr[-3000:]
-    a, b = load_run(first)[0].state_dict(), load_run(second)[0].state_dict()
+    a, b = load_megaforge_model(first)[0].state_dict(), load_megaforge_model(second)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

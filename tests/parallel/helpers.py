@@ -76,9 +76,9 @@ def losses(run_dir: Path) -> list[float]:
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The final checkpoint loaded into a plain single-process model (whatever layout wrote it)."""
-    from toolkit.generation import load_run
+    from toolkit.checkpoint import load_megaforge_model
 
-    model, _, _ = load_run(run_dir)
+    model, _, _ = load_megaforge_model(run_dir)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

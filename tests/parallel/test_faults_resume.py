@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.parallel.helpers import TINY, assert_same_run, launch, losses, train_ok, vocab_pad, weights
+from tests.parallel.helpers import TINY, launch, losses, train_ok, vocab_pad, weights
 
 
 def test_dead_rank_ends_job(tmp_path: Path):

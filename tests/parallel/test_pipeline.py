@@ -30,7 +30,7 @@ def train(run_dir: Path, nproc: int, *overrides: str) -> Path:
     """Train; keep the end-of-run sample line (``sample> ...``) in ``run_dir/sample.txt``."""
     out = launch(run_dir, nproc, *PP_TINY, *overrides)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    (run_dir / "sample.txt").write_text("".join(l for l in out.stdout.splitlines(True) if "sample>" in l))
+    (run_dir / "sample.txt").write_text("".join(line for line in out.stdout.splitlines(True) if "sample>" in line))
     return run_dir
 
 

@@ -7,9 +7,9 @@ import torch
 
 from tests.parallel.helpers import LLAMA, TINY
 from toolkit.config import load_config
+from toolkit.models.build import build_initialized_model
+from toolkit.models.gpt.objective import causal_lm
 from toolkit.parallel.recompute import apply_recompute
-from toolkit.training.objectives import causal_lm
-from toolkit.training.run import build_initialized_model
 
 
 def loss_and_grads(granularity: str, extra: list[str]):
@@ -38,8 +38,8 @@ def test_recompute_matches(granularity, style):
 @pytest.mark.parametrize("granularity", ["full", "selective"])
 def test_t5_recompute_covers_both_stacks(granularity):
     """T5's layers live in encoder.layers and decoder.layers: all are found, and recompute is exact."""
+    from toolkit.models.t5.objective import t5_span_corruption
     from toolkit.parallel.recompute import transformer_blocks
-    from toolkit.training.objectives import t5_span_corruption
 
     cfg = load_config("t5-tiny", ["model.hidden_dropout=0.0", "model.attention_dropout=0.0", "model.vocab_size=512",
                                   "model.num_layers=2", "model.num_decoder_layers=3", "model.hidden_size=32",

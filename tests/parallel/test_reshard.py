@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 import torch
 
 from tests.parallel.helpers import TINY, launch, losses, train_ok, weights
@@ -101,10 +100,10 @@ def test_init_from_hugging_face_under_tp2(tmp_path: Path):
     with 8320 rows, re-padded to 8448 for tp=2): with lr 0 the final checkpoint is the HF model."""
     from tests.conversion.conftest import GPT2_STYLE, make_run
     from tests.integration.test_init_from import FROZEN, _logit_diff
-    from toolkit.checkpoint.hf import export_hf
+    from toolkit.convert.hf import export_hf
 
     run, _ = make_run(tmp_path / "src", GPT2_STYLE, vocab_size=8193)
-    hf = export_hf(run, tmp_path / "hf", log=None)
+    hf = export_hf(run, tmp_path / "hf")
     out = launch(tmp_path / "run", 2, *[o for o in FROZEN if not o.startswith("trainer.num_threads")],
                  "parallel.tensor_model_parallel_size=2", f"checkpoint.init_from={hf}",
                  env={"MEGAFORGE_CACHE": str(tmp_path / "cache")})

@@ -49,9 +49,13 @@ def test_good_layout_passes():
 
 
 def test_pipeline_needs_a_family_split(monkeypatch):
+    import dataclasses
+
     from toolkit import registry
 
-    monkeypatch.delitem(registry.PIPELINE_SPLITS, "gpt")
+    gpt = registry.get_spec("gpt")
+    monkeypatch.setitem(registry._specs(), "gpt", dataclasses.replace(gpt, pipeline_split=None,
+                                                                        pipeline_objective=None))
     with pytest.raises(ParallelConfigError, match="model.family=gpt has no pipeline split"):
         validate_parallel(cfg("parallel.pipeline_model_parallel_size=2"), 2)
 

@@ -6,8 +6,8 @@ import torch
 from toolkit.config import ModelConfig, load_config
 from toolkit.models.bert import BertModel
 from toolkit.models.common import padded_vocab_size
+from toolkit.models.common.loss import lm_cross_entropy
 from toolkit.recipes import recipe_model_on_meta
-from toolkit.training.loss import lm_cross_entropy
 
 transformers = pytest.importorskip("transformers")
 

@@ -68,8 +68,9 @@ def test_validation_of_shapes():
 
 def test_every_key_is_documented():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
-    from toolkit.config import RunConfig
     import dataclasses
+
+    from toolkit.config import RunConfig
 
     sections = {f.name for f in dataclasses.fields(RunConfig)}
     missing = [k for k in SCHEMA_KEYS if k not in sections and k != "logging.wandb" and f"`{k}`" not in doc]

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from toolkit.config import ModelConfig, load_config
+from toolkit.models.common.loss import lm_cross_entropy
 from toolkit.models.gpt import GPTModel
 from toolkit.recipes import recipe_model_on_meta
-from toolkit.training.loss import lm_cross_entropy
 
 
 def tiny(**kw) -> ModelConfig:

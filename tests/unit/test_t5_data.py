@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import gzip
-import json
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,8 +212,8 @@ def test_collated_batch_feeds_the_objective(t5_corpus, tmp_path):
     import torch
 
     from toolkit.data.sampler import collate
-    from toolkit.registry import build_model
-    from toolkit.training.objectives import t5_span_corruption
+    from toolkit.models.build import build_model
+    from toolkit.models.t5.objective import t5_span_corruption
 
     tok, prefix = t5_corpus
     cfg = load_config("t5-tiny", [f"data.index_cache_dir={tmp_path}", "model.num_layers=1",

@@ -7,9 +7,9 @@ import torch
 
 from toolkit.config import ModelConfig, load_config
 from toolkit.models.common import padded_vocab_size
+from toolkit.models.common.loss import lm_cross_entropy
 from toolkit.models.t5 import T5Model, generate_seq2seq, relative_position_bucket
 from toolkit.recipes import recipe_model_on_meta
-from toolkit.training.loss import lm_cross_entropy
 
 transformers = pytest.importorskip("transformers")
 
@@ -143,7 +143,7 @@ def test_init_is_device_independent_and_t5_style():
     m.to_empty(device="cpu")
     m.init_weights(5)
     b.init_weights(6)
-    for (name, p), q, r in zip(a.named_parameters(), m.parameters(), b.parameters()):
+    for (name, p), q, _r in zip(a.named_parameters(), m.parameters(), b.parameters()):
         assert torch.equal(p, q), name
     assert not torch.equal(a.embed.weight, b.embed.weight)
     assert abs(a.embed.weight.std().item() - 1.0) < 0.05  # HF: shared N(0, 1)

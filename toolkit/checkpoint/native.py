@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from toolkit.checkpoint.reshard import apply_padding_fixes, prepare_padding_fixes, saved_tensor_shapes
 from toolkit.errors import CheckpointError
 
 TRAINER_STATE = "trainer_state.json"
@@ -158,8 +159,6 @@ class CheckpointManager:
              optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
              *, process_group=None) -> dict:
         """Load model (and optimizer) state in place from ``path``; returns its trainer state."""
-        from toolkit.checkpoint.reshard import apply_padding_fixes, prepare_padding_fixes, saved_tensor_shapes
-
         trainer_state = read_trainer_state(path)
         state = app_state(model, optimizer)
         # a layout with another tp pads the vocabulary differently: load those tensors re-padded

@@ -136,7 +136,7 @@ def build_samples(seg_len: np.ndarray, doc_first: np.ndarray, num_samples: int, 
     while total < num_samples:
         rng = np.random.RandomState([seed % 2**32, epoch])
 
-        def target() -> int:
+        def target(rng: np.random.RandomState = rng) -> int:  # this epoch's generator
             if short_seq_prob > 0 and rng.random_sample() < short_seq_prob:
                 return int(rng.randint(2, max_num_tokens + 1))
             return max_num_tokens
@@ -374,7 +374,7 @@ def build_bert_datasets(data_prefix: Sequence[Any] | str, *, info: BertTokenInfo
 
 
 def bert_datasets_for_run(cfg: Any, tokenizer: Any, prefixes: list, num_samples: tuple[int, int, int]):
-    """The ``FamilySpec.datasets`` builder: ``(cfg, tokenizer, prefixes, num_samples) -> (train, valid, test)``;
+    """The ``ModelSpec.datasets`` builder: ``(cfg, tokenizer, prefixes, num_samples) -> (train, valid, test)``;
     the sentence-pair task is ``data.bert_pair_task``."""
     d, m = cfg.data, cfg.model
     return build_bert_datasets(prefixes, info=BertTokenInfo.from_tokenizer(tokenizer), splits_string=d.splits_string,

@@ -10,13 +10,18 @@ function of the weights and size.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from toolkit.data.indexed import IndexedDataset
 from toolkit.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
 
 
 def _as_weight(item: Any) -> float | None:
@@ -156,6 +161,28 @@ def component_size(weight: float, size: int) -> int:
 SPLIT_NAMES = ("train", "valid", "test")
 
 
+def split_documents(num_docs: int, splits_string: str = "969,30,1") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Contiguous train/valid/test document-id ranges in proportion to ``splits_string``.
+
+    ``"969,30,1"`` (or ``"969/30/1"``; missing parts are 0) is normalized; boundaries are the rounded
+    cumulative fractions of ``num_docs``. Returns three int64 arrays of document ids (possibly empty).
+    """
+    parts = [p.strip() for p in re.split(r"[,/]", str(splits_string)) if p.strip()]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"data.splits_string={splits_string!r} must be numbers like '969,30,1'") from None
+    if not 1 <= len(values) <= 3 or any(v < 0 or not np.isfinite(v) for v in values) or sum(values) <= 0:
+        raise ConfigError(
+            f"data.splits_string={splits_string!r} must be 1 to 3 non-negative numbers with a positive sum, e.g. '969,30,1'"
+        )
+    values += [0.0] * (3 - len(values))
+    cum = np.cumsum(values) / sum(values)
+    bounds = [0] + [min(num_docs, int(round(c * num_docs))) for c in cum]
+    bounds[-1] = num_docs
+    return tuple(np.arange(bounds[i], bounds[i + 1], dtype=np.int64) for i in range(3))  # type: ignore[return-value]
+
+
 def build_blended_splits(data_prefix: Sequence[Any] | str, *, splits_string: str, num_samples: tuple[int, int, int],
                          seed: int, make: Callable[[Any, np.ndarray, int, str], Any],
                          skippable: tuple[type[Exception], ...] = ()) -> tuple[Any | None, Any | None, Any | None]:
@@ -168,11 +195,6 @@ def build_blended_splits(data_prefix: Sequence[Any] | str, *, splits_string: str
     has documents in it; a valid/test split whose build raises one of ``skippable`` is skipped with
     a warning (the train split re-raises).
     """
-    import logging
-
-    from toolkit.data.gpt_dataset import split_documents
-    from toolkit.data.indexed import IndexedDataset
-
     prefixes, weights = parse_data_prefix(data_prefix)
     if len(num_samples) != 3:
         raise ConfigError(f"num_samples must be (train, valid, test), got {num_samples!r}")
@@ -195,7 +217,7 @@ def build_blended_splits(data_prefix: Sequence[Any] | str, *, splits_string: str
         except skippable as e:
             if s == 0:
                 raise
-            logging.getLogger(__name__).warning("no %s samples (%s); the %s split is skipped", SPLIT_NAMES[s], e,
+            logger.warning("no %s samples (%s); the %s split is skipped", SPLIT_NAMES[s], e,
                                                 SPLIT_NAMES[s])
             out.append(None)
             continue

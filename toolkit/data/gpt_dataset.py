@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import uuid
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,28 +31,6 @@ from toolkit.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1  # bump when the index construction changes: invalidates every cache
-
-
-def split_documents(num_docs: int, splits_string: str = "969,30,1") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Contiguous train/valid/test document-id ranges in proportion to ``splits_string``.
-
-    ``"969,30,1"`` (or ``"969/30/1"``; missing parts are 0) is normalized; boundaries are the rounded
-    cumulative fractions of ``num_docs``. Returns three int64 arrays of document ids (possibly empty).
-    """
-    parts = [p.strip() for p in re.split(r"[,/]", str(splits_string)) if p.strip()]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise ConfigError(f"data.splits_string={splits_string!r} must be numbers like '969,30,1'") from None
-    if not 1 <= len(values) <= 3 or any(v < 0 or not np.isfinite(v) for v in values) or sum(values) <= 0:
-        raise ConfigError(
-            f"data.splits_string={splits_string!r} must be 1 to 3 non-negative numbers with a positive sum, e.g. '969,30,1'"
-        )
-    values += [0.0] * (3 - len(values))
-    cum = np.cumsum(values) / sum(values)
-    bounds = [0] + [min(num_docs, int(round(c * num_docs))) for c in cum]
-    bounds[-1] = num_docs
-    return tuple(np.arange(bounds[i], bounds[i + 1], dtype=np.int64) for i in range(3))  # type: ignore[return-value]
 
 
 def build_indices(sizes: np.ndarray, documents: np.ndarray, num_samples: int, seq_length: int,

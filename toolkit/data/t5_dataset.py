@@ -31,7 +31,7 @@ import numpy as np
 
 from toolkit.errors import ConfigError
 
-IGNORE_INDEX = -100  # label of padded target positions (matches toolkit.training.loss)
+IGNORE_INDEX = -100  # label of padded target positions (matches toolkit.models.common.loss)
 _RNG_TAG = 0x75C0  # decorrelates the noise-mask stream from the GPT index shuffles (which use RandomState(seed))
 
 
@@ -177,7 +177,7 @@ class T5Dataset:
 
 def build_t5_datasets(cfg: Any, tokenizer: Any, prefixes: Sequence[Any], num_samples: tuple[int, int, int]
                       ) -> tuple[T5Dataset | None, T5Dataset | None, T5Dataset | None]:
-    """(train, valid, test) span-corruption datasets: the FamilySpec ``datasets`` builder.
+    """(train, valid, test) span-corruption datasets: the ``ModelSpec.datasets`` builder.
 
     ``cfg`` is a :class:`~toolkit.config.RunConfig`; windows of ``raw_length`` tokens come from
     :func:`~toolkit.data.gpt_dataset.build_gpt_datasets` over ``prefixes`` (blending included).

@@ -5,7 +5,7 @@ keyed by global index so every stage keeps single-device parameter names). Stage
 pipeline rank ``s % pp`` — Megatron's interleaved order: with ``vpp`` virtual stages a rank holds
 chunks ``r, r + pp, r + 2·pp, …``. The first stage holds the embedding, the last the final norm,
 output layer and loss. This module knows no model family: the family hands it a split function
-``(model, layer_ids, *, first, last) -> stage module`` (see ``toolkit.registry.pipeline_split``).
+``(model, layer_ids, *, first, last) -> stage module`` (``ModelSpec.pipeline_split``).
 
 Parameters that more than one stage holds — the word embedding tied to the output layer, copied
 onto the last stage under the same name (Megatron's way) — are kept in sync: after backward their
@@ -105,8 +105,9 @@ class Pipeline:
     """This rank's stages of the pipeline and the schedules that drive them."""
 
     def __init__(self, *, parts: list[nn.Module], stage_indices: list[int], num_stages: int, schedule: str,
-                 group: dist.ProcessGroup, device: torch.device, shared: list[SharedParam]):
+                 group: dist.ProcessGroup, device: torch.device, shared: list[SharedParam], objective: Any):
         self.parts = parts  # this rank's stage modules (model chunks), in stage order
+        self.objective = objective  # the family's PipelineObjective: batch -> stage inputs, last output -> loss
         self.stage_indices = stage_indices  # global stage index of each part
         self.num_stages = num_stages  # pp × vpp
         self.schedule = schedule  # effective schedule name (see effective_schedule)
@@ -208,7 +209,7 @@ class Pipeline:
 
 
 def build_pipeline(model: nn.Module, split: StageSplit, *, mesh: DeviceMesh, vpp: int, schedule: str,
-                   device: torch.device, parallelize: Callable[[nn.Module], nn.Module]) -> Pipeline:
+                   device: torch.device, objective: Any, parallelize: Callable[[nn.Module], nn.Module]) -> Pipeline:
     """Split ``model`` (materialized and initialized) into this rank's stages, find the parameters
     several stages share and their sync groups, then ``parallelize`` each stage (TP → recompute →
     data parallel). ``model`` must have a ``layers`` ModuleDict; drop it afterwards to free the
@@ -228,7 +229,7 @@ def build_pipeline(model: nn.Module, split: StageSplit, *, mesh: DeviceMesh, vpp
         shared.append(SharedParam(name=name, param=param, group=group, in_norm=pp_rank == holders[0]))
     return Pipeline(parts=parts, stage_indices=indices, num_stages=num_stages,
                     schedule=effective_schedule(schedule, vpp), group=pp_mesh.get_group(), device=device,
-                    shared=shared)
+                    shared=shared, objective=objective)
 
 
 def _shared_param_groups(parts: list[nn.Module], mesh: DeviceMesh) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -1,13 +1,17 @@
 """The per-process parallel runtime handed to the Trainer: mesh, ranks and the collective helpers.
 
 Built once by :func:`setup` (after validation), it owns nothing global: the mesh and groups it
-holds are passed to whoever needs them.
+holds are passed to whoever needs them. A single process is a world of size 1 through the same
+runtime: no process group, no mesh, and every helper is what one process does (the trainer has no
+single-process branch).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Collection
 
@@ -19,8 +23,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from toolkit.config import RunConfig
 from toolkit.parallel.clip import clip_grad_norm_
 from toolkit.parallel.data_parallel import apply_data_parallel, set_grad_sync
-from toolkit.parallel.mesh import ParallelDims, build_mesh, dist_env, init_process_group
+from toolkit.parallel.mesh import ParallelDims, build_mesh, destroy, dist_env, init_process_group
+from toolkit.parallel.pipeline import Pipeline, build_pipeline
+from toolkit.parallel.recompute import apply_recompute, transformer_blocks
 from toolkit.parallel.tensor import local_value, loss_context
+
+logger = logging.getLogger(__name__)
 
 # Test hook: "RANK:STEP" makes that rank exit abruptly before that step; "RANK:STEP:hang" makes it
 # stop answering collectives instead (the others must then end on the collective timeout).
@@ -30,7 +38,7 @@ FAULT_ENV = "MEGAFORGE_FAULT_INJECT"
 @dataclass
 class ParallelRuntime:
     dims: ParallelDims
-    mesh: DeviceMesh
+    mesh: DeviceMesh | None  # (pp, dp, tp) mesh; None in a world of size 1 (no process group)
     rank: int
     device: torch.device
     sequence_parallel: bool = False
@@ -39,15 +47,15 @@ class ParallelRuntime:
 
     @property
     def dp_rank(self) -> int:
-        return self.mesh["dp"].get_local_rank()
+        return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
 
     @property
     def tp_rank(self) -> int:
-        return self.mesh["tp"].get_local_rank()
+        return self.mesh["tp"].get_local_rank() if self.mesh is not None else 0
 
     @property
     def pp_rank(self) -> int:
-        return self.mesh["pp"].get_local_rank()
+        return self.mesh["pp"].get_local_rank() if self.mesh is not None else 0
 
     @property
     def is_logging_rank(self) -> bool:
@@ -62,10 +70,8 @@ class ParallelRuntime:
         """TP/SP plan, then activation recompute, then data parallel (in that order), in place.
 
         ``tp_plan``: the family's ``(model, tp_mesh, *, sequence_parallel) -> model`` (see
-        ``toolkit.registry.tensor_parallel_plan``); required when tp > 1.
+        ``ModelSpec.tensor_parallel``); required when tp > 1.
         """
-        from toolkit.parallel.recompute import apply_recompute, transformer_blocks
-
         if self.dims.tp > 1:
             if tp_plan is None:
                 raise ValueError("tensor_model_parallel_size > 1 needs the model family's tensor-parallel plan")
@@ -80,17 +86,16 @@ class ParallelRuntime:
             apply_data_parallel(model, self.mesh["dp"], self.data_parallel_sharding, units)
         return model
 
-    def build_pipeline(self, model: nn.Module, split, tp_plan=None, recompute: str = "none"):
+    def build_pipeline(self, model: nn.Module, split, objective, tp_plan=None, recompute: str = "none") -> Pipeline:
         """Split ``model`` into this rank's pipeline stages and parallelize each (TP → recompute → dp).
 
         ``split``: the family's ``(model, layer_ids, *, first, last) -> stage`` (see
-        ``toolkit.registry.pipeline_split``). Returns a :class:`toolkit.parallel.pipeline.Pipeline`;
-        its ``parts`` are the stage modules this rank trains.
+        ``ModelSpec.pipeline_split``) and ``objective`` its ``ModelSpec.pipeline_objective``. Returns a
+        :class:`toolkit.parallel.pipeline.Pipeline`; its ``parts`` are the stage modules this rank trains.
         """
-        from toolkit.parallel.pipeline import build_pipeline
-
         return build_pipeline(model, split, mesh=self.mesh, vpp=self.dims.vpp, schedule=self.pipeline_schedule,
-                              device=self.device, parallelize=lambda part: self.parallelize(part, tp_plan, recompute))
+                              device=self.device, objective=objective,
+                              parallelize=lambda part: self.parallelize(part, tp_plan, recompute))
 
     # ---- training-step helpers -----------------------------------------------------------
     def loss_context(self) -> contextlib.AbstractContextManager:
@@ -102,12 +107,17 @@ class ParallelRuntime:
 
     def clip_grad_norm_(self, params: list[nn.Parameter], max_norm: float,
                         exclude_from_norm: Collection[int] = ()) -> torch.Tensor:
+        """Clip to the global norm over every rank's gradient shards; returns the norm."""
+        if self.mesh is None:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         return clip_grad_norm_(params, max_norm, stage_size=self.dims.world_size // self.dims.pp,
                                exclude_from_norm=exclude_from_norm)
 
     def sync_found_inf(self, scaler: torch.amp.GradScaler, optimizer) -> None:
         """fp16: after ``scaler.unscale_``, skip the step on every rank if any rank saw inf/NaN
         (each rank only checks the gradient shards it holds: its stage, its tp/dp shard)."""
+        if self.mesh is None:
+            return
         found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
         for flag in found.values():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -120,27 +130,37 @@ class ParallelRuntime:
             value = value / self.dims.dp
         return value
 
+    def barrier(self) -> None:
+        if self.mesh is not None:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group (nothing to do in a world of size 1)."""
+        if self.mesh is not None:
+            destroy()
+
     def fault_hook(self, step: int) -> None:
         spec = os.environ.get(FAULT_ENV)
         if spec:
             rank, at, *mode = spec.split(":")
             if int(rank) == self.rank and step == int(at):
-                print(f"megaforge: rank {self.rank}: {FAULT_ENV}={spec} at step {step}", flush=True)
+                logger.warning(f"megaforge: rank {self.rank}: {FAULT_ENV}={spec} at step {step}")
                 if mode == ["hang"]:
-                    import time
-
                     time.sleep(3600)
                 os._exit(1)
 
 
 def setup(cfg: RunConfig, device: torch.device) -> ParallelRuntime:
-    """Join the process group (timeout from ``parallel.timeout_seconds``) and build the mesh."""
+    """Join the process group (timeout from ``parallel.timeout_seconds``) and build the mesh; in a
+    world of size 1, the runtime of one process (no process group)."""
     env = dist_env()
     p = cfg.parallel
     dims = ParallelDims(world_size=env.world_size, tp=p.tensor_model_parallel_size,
                         pp=p.pipeline_model_parallel_size, vpp=p.virtual_pipeline_model_parallel_size or 1)
-    init_process_group(device, p.timeout_seconds)
-    mesh = build_mesh(dims, device)
+    mesh = None
+    if env.world_size > 1:
+        init_process_group(device, p.timeout_seconds)
+        mesh = build_mesh(dims, device)
     return ParallelRuntime(dims=dims, mesh=mesh, rank=env.rank, device=device,
                            sequence_parallel=p.sequence_parallel, data_parallel_sharding=p.data_parallel_sharding,
                            pipeline_schedule=p.pipeline_schedule)

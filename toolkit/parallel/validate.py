@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from toolkit.config import RunConfig
 from toolkit.errors import ParallelConfigError
+from toolkit.parallel.pipeline import effective_schedule, schedule_problem
+from toolkit.registry import families, get_spec
 
 
 def validate_parallel(cfg: RunConfig, world_size: int) -> None:
@@ -33,14 +35,13 @@ def validate_parallel(cfg: RunConfig, world_size: int) -> None:
     if kv % tp:
         raise ParallelConfigError(f"model.num_query_groups={kv} (key/value heads) is not divisible by "
                                   f"parallel.tensor_model_parallel_size={tp}")
-    if pp > 1:  # before the layer count: a family without a pipeline split cannot be fixed by changing it
-        from toolkit.registry import PIPELINE_SPLITS, pipeline_split
-
-        if pipeline_split(m.family) is None:
-            raise ParallelConfigError(f"model.family={m.family} has no pipeline split: pipeline parallelism "
-                                      f"(parallel.pipeline_model_parallel_size={pp}) supports model.family "
-                                      f"{' or '.join(sorted(PIPELINE_SPLITS))}; use tensor or data parallelism "
-                                      f"(pipeline_model_parallel_size=1)")
+    spec = get_spec(m.family)
+    if pp > 1 and spec.pipeline_split is None:  # before the layer count: changing that would not help
+        with_split = sorted(f for f in families() if get_spec(f).pipeline_split is not None)
+        raise ParallelConfigError(f"model.family={m.family} has no pipeline split: pipeline parallelism "
+                                  f"(parallel.pipeline_model_parallel_size={pp}) supports model.family "
+                                  f"{' or '.join(with_split)}; use tensor or data parallelism "
+                                  f"(pipeline_model_parallel_size=1)")
     if m.num_layers % (pp * vpp):
         raise ParallelConfigError(
             f"model.num_layers={m.num_layers} is not divisible by pipeline_model_parallel_size × "
@@ -55,24 +56,17 @@ def validate_parallel(cfg: RunConfig, world_size: int) -> None:
     if p.sequence_parallel and m.seq_length % tp:
         raise ParallelConfigError(f"model.seq_length={m.seq_length} is not divisible by "
                                   f"parallel.tensor_model_parallel_size={tp} (needed by sequence_parallel)")
-    if p.sequence_parallel and m.family == "t5" and m.decoder_seq_length % tp:
-        raise ParallelConfigError(f"model.decoder_seq_length={m.decoder_seq_length} is not divisible by "
-                                  f"parallel.tensor_model_parallel_size={tp} (needed by sequence_parallel)")
     if vpp > 1 and pp < 2:
         raise ParallelConfigError(f"parallel.virtual_pipeline_model_parallel_size={vpp} needs "
                                   f"pipeline_model_parallel_size > 1, got {pp}")
     if pp > 1:
         _validate_pipeline(cfg, pp=pp, vpp=vpp, dp=dp)
-    from toolkit.registry import tensor_parallel_plan
-
-    if tp > 1 and tensor_parallel_plan(m.family) is None:
+    if tp > 1 and spec.tensor_parallel is None:
         raise ParallelConfigError(f"model.family={m.family} has no tensor-parallel plan "
                                   f"(parallel.tensor_model_parallel_size={tp}); use data parallelism only")
 
 
 def _validate_pipeline(cfg: RunConfig, *, pp: int, vpp: int, dp: int) -> None:
-    from toolkit.parallel.pipeline import effective_schedule, schedule_problem
-
     p, t = cfg.parallel, cfg.trainer
     if t.compile:
         raise ParallelConfigError(f"trainer.compile=true is not supported with parallel.pipeline_model_parallel_size="

@@ -1,7 +1,7 @@
 """Write a megaforge :class:`~toolkit.tokenization.base.Tokenizer` as a Hugging Face tokenizer folder.
 
 The folder loads with ``transformers.AutoTokenizer.from_pretrained(folder)`` and gives the same
-token ids as ours (checked by ``toolkit.checkpoint.verify``):
+token ids as ours (checked by ``toolkit.convert.verify``):
 
 * Hugging Face ``tokenizers`` models (byte-level BPE, WordPiece, any ``tokenizer.json``):
   ``tokenizer.json`` as is (+ ``vocab.txt`` for WordPiece), loaded by ``PreTrainedTokenizerFast``,

@@ -10,7 +10,6 @@ from typing import Sequence
 
 from tokenizers import Tokenizer as HFTokenizerObject
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
-
 from toolkit.errors import TokenizerError, first_line
 from toolkit.tokenization.base import SPECIAL_NAMES, Tokenizer, detect_special_ids
 

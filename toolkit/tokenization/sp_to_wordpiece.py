@@ -121,13 +121,12 @@ def bert_normalize(docs: Iterable[str], lowercase: bool) -> Iterator[str]:
         yield norm.normalize_str(doc)
 
 
-def train_sentencepiece_wordpiece(spec, docs: Iterable[str]) -> HFTokenizer:
+def train_sentencepiece_wordpiece(spec, docs: Iterable[str], *, train_sentencepiece) -> HFTokenizer:
     """Train the SentencePiece model ``spec`` describes on BERT-normalized ``docs`` (identity rule,
-    no user-defined symbols), then convert it to WordPiece. The spec's ``special_tokens`` (default
-    BERT's five) become the WordPiece specials."""
-    from toolkit.tokenization.training import _train_sentencepiece
-
+    no user-defined symbols) with ``train_sentencepiece(spec, docs, normalization_rule_name=...)``
+    (``toolkit.tokenization.training``), then convert it to WordPiece. The spec's ``special_tokens``
+    (default BERT's five) become the WordPiece specials."""
     specials = spec.special_tokens or list(BERT_SPECIALS)
     sp_spec = dataclasses.replace(spec, special_tokens=[], lowercase=False)
-    sp = _train_sentencepiece(sp_spec, bert_normalize(docs, spec.lowercase), normalization_rule_name="identity")
+    sp = train_sentencepiece(sp_spec, bert_normalize(docs, spec.lowercase), normalization_rule_name="identity")
     return sp_to_wordpiece(sp, lowercase=spec.lowercase, specials=specials)

@@ -21,6 +21,7 @@ from toolkit.assets import corpora_dir, tokenizers_dir
 from toolkit.errors import ConfigError, DataError, TokenizerError, closest, first_line
 from toolkit.tokenization.base import Tokenizer
 from toolkit.tokenization.hf_tokenizers import HFTokenizer, build_wordpiece
+from toolkit.tokenization.sp_to_wordpiece import train_sentencepiece_wordpiece
 from toolkit.tokenization.spm import SentencePieceTokenizer
 
 #: library → the model types it can train
@@ -315,9 +316,8 @@ def train_tokenizer(spec: TokenizerSpec, spec_file: Path = Path("<spec>")) -> To
     """Train the tokenizer ``spec`` describes and return it (nothing is written)."""
     docs = iter_documents(_sources(spec, spec_file), spec.json_key, spec.max_documents)
     if spec.convert_to == "wordpiece":
-        from toolkit.tokenization.sp_to_wordpiece import train_sentencepiece_wordpiece
 
-        return train_sentencepiece_wordpiece(spec, docs)
+        return train_sentencepiece_wordpiece(spec, docs, train_sentencepiece=_train_sentencepiece)
     if spec.library == "sentencepiece":
         return _train_sentencepiece(spec, docs)
     return _train_huggingface(spec, docs)

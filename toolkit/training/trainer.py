@@ -1,16 +1,18 @@
 """The training loop: gradient accumulation, clipping, mixed precision, evaluation, checkpoints, logging.
 
-The trainer receives built objects (model, optimizer, datasets, checkpoint manager) and small
-config sections; it never reads YAML. It resumes exactly: the LR is a function of the step,
-dropout is reseeded from (seed, step), and the sampler restarts at the consumed sample count.
-
-Under pipeline parallelism ``model`` is the list of this rank's stage modules, ``optimizer`` one
-optimizer per stage module (:class:`PartOptimizers`) and ``pipeline`` drives them: one optimizer
-step is one schedule step over all micro-batches.
+The trainer receives built objects — the run config, this rank's model parts, their optimizers, the
+objective, datasets, the parallel runtime and the run directory — and never reads YAML. One code path
+serves one process and many: a single process is a world of size 1 of the same runtime. The model
+is always a list of parts (one, or this rank's pipeline stages), driven by one
+:class:`PartOptimizers`; under pipeline parallelism the :class:`~toolkit.parallel.pipeline.Pipeline`
+runs forward and backward (one schedule step over all micro-batches), otherwise the trainer loops
+over the micro-batches itself. It resumes exactly: the LR is a function of the step, dropout is
+reseeded from (seed, step), and the sampler restarts at the consumed sample count.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,22 +20,30 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from toolkit.checkpoint import CheckpointManager
-from toolkit.config import CheckpointConfig, LoggingConfig, OptimConfig, TrainerConfig
+from toolkit.config import RunConfig, to_yaml
 from toolkit.data.sampler import PretrainingSampler
+from toolkit.optim import lr_at, set_lr
+from toolkit.parallel.pipeline import Pipeline
+from toolkit.parallel.runtime import ParallelRuntime
 from toolkit.training.loggers import MetricsFile, WandbLogger, plot_losses
-from toolkit.training.optim import lr_at, set_lr
+from toolkit.training.metrics import peak_flops
 from toolkit.training.precision import Precision
+
+logger = logging.getLogger(__name__)
 
 Objective = Callable[[nn.Module, dict], torch.Tensor]  # (model, batch on device) -> mean loss
 
 
 class PartOptimizers:
-    """One optimizer per pipeline stage module of this rank, driven as one (``step``, ``zero_grad``,
-    ``param_groups`` for the LR schedule and the loss scaler); checkpoints see the list."""
+    """One optimizer per model part of this rank (one part, or one per pipeline stage), driven as one
+    (``step``, ``zero_grad``, ``param_groups`` for the LR schedule and the loss scaler); checkpoints
+    see the list."""
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]):
         self.optimizers = optimizers
@@ -81,56 +91,32 @@ class Trainer:
     def __init__(
         self,
         *,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        objective: Objective,
+        cfg: RunConfig,  # the resolved run config (trainer, optim, checkpoint and logging sections)
+        model_parts: list[nn.Module],  # this rank's model: one part, or its pipeline stages (plain modules)
+        optimizers: PartOptimizers,  # one optimizer per part
+        objective: Objective,  # (part, batch on device) -> mean loss; unused under pipeline parallelism
         train_dataset: Dataset,
         valid_dataset: Dataset | None,
-        trainer_cfg: TrainerConfig,
-        optim_cfg: OptimConfig,
-        checkpoint_cfg: CheckpointConfig,
-        logging_cfg: LoggingConfig,
-        run_dir: Path,
-        device: torch.device,
-        flops_per_token: float,
-        seq_length: int,
-        config_dict: dict[str, Any] | None = None,
-        layout: dict[str, int] | None = None,
-        data_parallel_rank: int = 0,
-        data_parallel_size: int = 1,
-        is_logging_rank: bool = True,
-        parallel: Any | None = None,
-        pipeline: Any | None = None,
-        pipeline_objective: Any | None = None,
+        runtime: ParallelRuntime,  # mesh, ranks and collective helpers (a world of size 1 in one process)
+        run_dir: Path,  # where checkpoints/, metrics.jsonl and loss.png go
+        flops_per_token: float,  # training FLOPs per token of the whole model (for MFU)
+        tokens_per_sample: int,  # tokens one sample trains on (for tokens/s)
+        pipeline: Pipeline | None = None,  # drives model_parts when pipeline_model_parallel_size > 1
     ):
-        self.model, self.optimizer, self.objective = model, optimizer, objective
+        self.model_parts, self.optimizers, self.objective = list(model_parts), optimizers, objective
         self.train_dataset, self.valid_dataset = train_dataset, valid_dataset
-        self.cfg, self.optim_cfg, self.ckpt_cfg, self.log_cfg = trainer_cfg, optim_cfg, checkpoint_cfg, logging_cfg
-        self.run_dir, self.device = Path(run_dir), device
-        self.flops_per_token, self.seq_length = flops_per_token, seq_length
-        self.config_dict = config_dict or {}
-        self.layout = layout or {"tp": 1, "pp": 1, "dp": 1}
-        self.dp_rank, self.dp_size = data_parallel_rank, data_parallel_size
-        self.is_logging_rank = is_logging_rank
-        self.parallel = parallel  # toolkit.parallel.runtime.ParallelRuntime under torchrun, else None
-        self.pipeline = pipeline  # toolkit.parallel.pipeline.Pipeline when pipeline_model_parallel_size > 1
-        self.pipeline_objective = pipeline_objective  # the family's PipelineObjective (with ``pipeline``)
-        self.precision = Precision(trainer_cfg.precision, device, initial_loss_scale=trainer_cfg.initial_loss_scale)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=checkpoint_cfg.keep_last)
-        per_step = trainer_cfg.micro_batch_size * data_parallel_size
-        self.num_microbatches = trainer_cfg.global_batch_size // per_step
+        self.runtime, self.pipeline = runtime, pipeline
+        self.cfg, self.optim_cfg, self.ckpt_cfg, self.log_cfg = cfg.trainer, cfg.optim, cfg.checkpoint, cfg.logging
+        self.config_dict = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))
+        self.run_dir, self.device = Path(run_dir), runtime.device
+        self.flops_per_token, self.seq_length = flops_per_token, tokens_per_sample
+        self.layout = runtime.layout
+        self.dp_rank, self.dp_size = runtime.dp_rank, runtime.dims.dp
+        self.is_logging_rank = runtime.is_logging_rank
+        self.precision = Precision(cfg.trainer.precision, self.device, initial_loss_scale=cfg.trainer.initial_loss_scale)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+        self.num_microbatches = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * self.dp_size)
         self.state = TrainState()
-
-    @property
-    def model_parts(self) -> list[nn.Module]:
-        """The stage modules of this rank under pipeline parallelism, else ``[model]``."""
-        return list(self.model) if isinstance(self.model, (list, tuple)) else [self.model]
-
-    def _checkpoint_args(self) -> tuple[Any, Any]:
-        """(model, optimizer) as the checkpoint layer takes them: lists under pipeline parallelism."""
-        if isinstance(self.optimizer, PartOptimizers):
-            return self.model_parts, self.optimizer.optimizers
-        return self.model, self.optimizer
 
     # ---- checkpoints ---------------------------------------------------------------------
     def resume(self) -> bool:
@@ -140,7 +126,7 @@ class Trainer:
         if latest is None:
             self._load_init_from()
             return False
-        state = self.checkpoints.load(latest, *self._checkpoint_args())
+        state = self.checkpoints.load(latest, self.model_parts, self.optimizers.optimizers)
         self.state = TrainState(step=int(state["step"]), consumed_samples=int(state["consumed_samples"]))
         self.precision.load_state_dict(state.get("precision", {}))
         if self.is_logging_rank:
@@ -148,7 +134,7 @@ class Trainer:
             change = f" (saved under {saved}, now {self.layout})" if saved and saved != self.layout else ""
             if state.get("repadded"):
                 change += f"; vocabulary padding re-laid in {len(state['repadded'])} tensors"
-            print(f"resumed from {latest} at step {self.state.step}{change}", flush=True)
+            logger.info(f"resumed from {latest} at step {self.state.step}{change}")
         return True
 
     def _load_init_from(self) -> None:
@@ -157,10 +143,10 @@ class Trainer:
         if not self.ckpt_cfg.init_from:
             return
         source = Path(self.ckpt_cfg.init_from)
-        state = self.checkpoints.load(source, self._checkpoint_args()[0], None)
+        state = self.checkpoints.load(source, self.model_parts, None)
         if self.is_logging_rank:
             padded = f"; vocabulary padding re-laid in {len(state['repadded'])} tensors" if state.get("repadded") else ""
-            print(f"initialized the weights from {source}{padded}", flush=True)
+            logger.info(f"initialized the weights from {source}{padded}")
 
     def save(self) -> Path:
         trainer_state = {
@@ -170,7 +156,7 @@ class Trainer:
             "precision": self.precision.state_dict(),
             "seed": self.cfg.seed,
         }
-        return self.checkpoints.save(self.state.step, *self._checkpoint_args(), trainer_state)
+        return self.checkpoints.save(self.state.step, self.model_parts, self.optimizers.optimizers, trainer_state)
 
     # ---- data ----------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, consumed: int, total: int) -> DataLoader:
@@ -186,77 +172,75 @@ class Trainer:
     # ---- one step ------------------------------------------------------------------------
     def train_step(self, batches) -> tuple[float, float]:
         """Forward/backward over the micro-batches of one global batch, then one optimizer step."""
-        par = self.parallel
         # dropout differs across data-parallel ranks and pipeline stages (rank 0 keeps the
         # single-process stream; the tensor-parallel ranks of a stage share theirs)
-        pp_rank = par.pp_rank if par is not None else 0
-        torch.manual_seed(step_seed(self.cfg.seed, self.state.step) + self.dp_rank + pp_rank * self.dp_size)
-        set_lr(self.optimizer, lr_at(self.state.step, self.optim_cfg, self.cfg.max_steps))
+        torch.manual_seed(step_seed(self.cfg.seed, self.state.step) + self.dp_rank
+                          + self.runtime.pp_rank * self.dp_size)
+        set_lr(self.optimizers, lr_at(self.state.step, self.optim_cfg, self.cfg.max_steps))
         if self.pipeline is not None:
-            return self._pipeline_step(batches)
-        scaler = self.precision.scaler
+            loss = self._pipeline_forward_backward(batches)
+            grad_norm = self._optimizer_step(exclude_from_norm=self.pipeline.norm_exclusions())
+        else:
+            loss = self._forward_backward(batches)
+            grad_norm = self._optimizer_step()
+        return loss, grad_norm
+
+    def _forward_backward(self, batches) -> float:
+        """Each micro-batch through the objective; gradients reduced over dp after the last one."""
+        model, scaler = self.model_parts[0], self.precision.scaler
         total = torch.zeros((), device=self.device)
         for i in range(self.num_microbatches):
             batch = self._to_device(next(batches))
-            if par is not None:  # reduce gradients across dp only after the last micro-batch
-                par.set_grad_sync(self.model, i == self.num_microbatches - 1)
-            with self._loss_context():
+            self.runtime.set_grad_sync(model, i == self.num_microbatches - 1)
+            with self.runtime.loss_context():
                 with self.precision.autocast():
-                    loss = self.objective(self.model, batch)
+                    loss = self.objective(model, batch)
                 scaler.scale(loss / self.num_microbatches).backward()
             total += _plain(loss).detach()
-        scaler.unscale_(self.optimizer)
-        if par is not None and scaler.is_enabled():  # fp16: every rank skips the step if any saw inf
-            par.sync_found_inf(scaler, self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        return (self.runtime.mean_over_dp(total) / self.num_microbatches).item()
+
+    def _pipeline_forward_backward(self, batches) -> float:
+        """One schedule step over all micro-batches: gradients averaged over micro-batches and dp."""
+        pipe, scaler = self.pipeline, self.precision.scaler
+        args, kwargs, target = self._pipeline_batch([next(batches) for _ in range(self.num_microbatches)])
+        if scaler.is_enabled():  # only the last stage scales a loss; every stage unscales its gradients
+            scaler.scale(torch.zeros((), device=self.device))
+        scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0  # the losses come back scaled
+        with self.runtime.loss_context(), self.precision.autocast():
+            losses = pipe.step(args, kwargs, target, loss_fn=self._pipeline_loss,
+                               num_microbatches=self.num_microbatches)
+        pipe.sync_shared_grads()  # tied embeddings: first and last stage sum their gradients
+        return self._pipeline_mean(losses, scale=scale)
+
+    def _optimizer_step(self, exclude_from_norm=()) -> float:
+        """Unscale (fp16), clip to the global gradient norm, step and zero the gradients; the norm."""
+        scaler = self.precision.scaler
+        scaler.unscale_(self.optimizers)
+        if scaler.is_enabled():  # fp16: every rank skips the step if any saw inf
+            self.runtime.sync_found_inf(scaler, self.optimizers)
+        params = [p for part in self.model_parts for p in part.parameters() if p.grad is not None]
         clip = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad > 0 else float("inf")
-        if par is not None:
-            grad_norm = par.clip_grad_norm_(params, clip)
-            total = par.mean_over_dp(total)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-        scaler.step(self.optimizer)
+        grad_norm = self.runtime.clip_grad_norm_(params, clip, exclude_from_norm=exclude_from_norm)
+        scaler.step(self.optimizers)
         scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return (total / self.num_microbatches).item(), float(grad_norm)
+        self.optimizers.zero_grad(set_to_none=True)
+        return float(grad_norm)
 
     def _pipeline_batch(self, micro_batches: list[dict]) -> tuple[tuple, dict, torch.Tensor]:
         """Micro-batches stacked along dim 0 (the schedule splits them again), as (args, kwargs, target)."""
         batch = {k: (torch.cat([b[k] for b in micro_batches]) if torch.is_tensor(micro_batches[0][k])
                      else micro_batches[0][k]) for k in micro_batches[0]}  # [n_micro × micro_batch_size, ...]
-        return self.pipeline_objective.inputs(self._to_device(batch))
+        return self.pipeline.objective.inputs(self._to_device(batch))
 
     def _pipeline_loss(self, output: Any, target: torch.Tensor) -> torch.Tensor:
-        return self.precision.scaler.scale(self.pipeline_objective.loss(output, target))
-
-    def _pipeline_step(self, batches) -> tuple[float, float]:
-        """One schedule step over all micro-batches: gradients averaged over micro-batches and dp."""
-        par, pipe, scaler = self.parallel, self.pipeline, self.precision.scaler
-        args, kwargs, target = self._pipeline_batch([next(batches) for _ in range(self.num_microbatches)])
-        if scaler.is_enabled():  # only the last stage scales a loss; every stage unscales its gradients
-            scaler.scale(torch.zeros((), device=self.device))
-        scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0  # the losses come back scaled
-        with self._loss_context(), self.precision.autocast():
-            losses = pipe.step(args, kwargs, target, loss_fn=self._pipeline_loss,
-                               num_microbatches=self.num_microbatches)
-        pipe.sync_shared_grads()  # tied embeddings: first and last stage sum their gradients
-        scaler.unscale_(self.optimizer)
-        if scaler.is_enabled():
-            par.sync_found_inf(scaler, self.optimizer)
-        params = [p for part in self.model_parts for p in part.parameters() if p.grad is not None]
-        clip = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad > 0 else float("inf")
-        grad_norm = par.clip_grad_norm_(params, clip, exclude_from_norm=pipe.norm_exclusions())
-        scaler.step(self.optimizer)
-        scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return self._pipeline_mean(losses, scale=scale), float(grad_norm)
+        return self.precision.scaler.scale(self.pipeline.objective.loss(output, target))
 
     def _pipeline_mean(self, losses: list[torch.Tensor] | None, *, scale: float = 1.0) -> float:
         """Mean of the last stage's micro-batch losses, then over dp, on every rank."""
         total = torch.zeros((), device=self.device)
-        for loss in losses or []:  # summed in micro-batch order, as train_step does
+        for loss in losses or []:  # summed in micro-batch order, as _forward_backward does
             total += _plain(loss).detach().float() / scale
-        total = self.parallel.mean_over_dp(total / max(1, len(losses or [])))
+        total = self.runtime.mean_over_dp(total / max(1, len(losses or [])))
         return self.pipeline.from_last_stage(total).item()
 
     @torch.no_grad()
@@ -270,34 +254,25 @@ class Trainer:
             return None
         for part in self.model_parts:
             part.eval()
-        if self.pipeline is not None:
-            micro_batches = list(self._loader(self.valid_dataset, 0, total))
-            args, kwargs, target = self._pipeline_batch(micro_batches)
-            with self._loss_context(), self.precision.autocast():
-                stage_losses = self.pipeline.evaluate(args, kwargs, target, loss_fn=self.pipeline_objective.loss,
-                                                      num_microbatches=len(micro_batches))
+        try:
+            if self.pipeline is not None:
+                micro_batches = list(self._loader(self.valid_dataset, 0, total))
+                args, kwargs, target = self._pipeline_batch(micro_batches)
+                with self.runtime.loss_context(), self.precision.autocast():
+                    stage_losses = self.pipeline.evaluate(args, kwargs, target, loss_fn=self.pipeline.objective.loss,
+                                                          num_microbatches=len(micro_batches))
+                return self._pipeline_mean(stage_losses)
+            losses = []
+            for batch in self._loader(self.valid_dataset, 0, total):
+                with self.runtime.loss_context(), self.precision.autocast():
+                    losses.append(_plain(self.objective(self.model_parts[0], self._to_device(batch))).float())
+            return self.runtime.mean_over_dp(torch.stack(losses).mean()).item()
+        finally:
             for part in self.model_parts:
                 part.train()
-            return self._pipeline_mean(stage_losses)
-        losses = []
-        for batch in self._loader(self.valid_dataset, 0, total):
-            with self._loss_context(), self.precision.autocast():
-                losses.append(_plain(self.objective(self.model, self._to_device(batch))).float())
-        self.model.train()
-        mean = torch.stack(losses).mean()
-        if self.parallel is not None:
-            mean = self.parallel.mean_over_dp(mean)
-        return mean.item()
-
-    def _loss_context(self):
-        import contextlib
-
-        return self.parallel.loss_context() if self.parallel is not None else contextlib.nullcontext()
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        from tqdm.auto import tqdm
-
         self.resume()
         cfg = self.cfg
         total_samples = cfg.max_steps * cfg.global_batch_size
@@ -305,8 +280,6 @@ class Trainer:
         metrics = MetricsFile(self.run_dir, self.state.step) if self.is_logging_rank else None
         wandb = (WandbLogger(self.log_cfg, self.run_dir, self.config_dict)
                  if self.is_logging_rank and self.log_cfg.wandb.enabled else None)
-        from toolkit.training.metrics import peak_flops
-
         peak = peak_flops(self.device, cfg.precision, self.log_cfg.peak_tflops)
         world = max(1, self.layout.get("tp", 1) * self.layout.get("pp", 1) * self.layout.get("dp", 1))
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="train", dynamic_ncols=True, mininterval=1.0,
@@ -316,8 +289,7 @@ class Trainer:
             part.train()
         tokens_per_step = cfg.global_batch_size * self.seq_length
         while self.state.step < cfg.max_steps:
-            if self.parallel is not None:
-                self.parallel.fault_hook(self.state.step)
+            self.runtime.fault_hook(self.state.step)
             start = time.perf_counter()
             loss, grad_norm = self.train_step(batches)
             elapsed = time.perf_counter() - start
@@ -352,8 +324,8 @@ class Trainer:
                 self.save()
             if exiting:
                 if self.is_logging_rank:
-                    print(f"exit_interval={cfg.exit_interval}: stopping at step {self.state.step}; run the same "
-                          "command again to continue", flush=True)
+                    logger.info(f"exit_interval={cfg.exit_interval}: stopping at step {self.state.step}; run the "
+                                "same command again to continue")
                 break
         bar.close()
         result.steps = self.state.step

@@ -1,5 +1,26 @@
-"""Bidirectional encoders: BERT (post-LN) and Megatron-BERT / GatorTron (pre-LN)."""
+"""Encoder models: post-LN BERT, pre-LN Megatron-BERT and the GatorTron-style clinical BERT.
+``SPEC`` declares the family."""
 
+from __future__ import annotations
+
+from toolkit.data.bert_dataset import bert_datasets_for_run
+from toolkit.models.bert.hf import ADAPTER
 from toolkit.models.bert.model import BertModel
+from toolkit.models.bert.objective import BERT_PIPELINE, bert_pretraining
+from toolkit.models.bert.parallelize import parallelize_bert, pipeline_split_bert
+from toolkit.registry import ModelSpec
 
-__all__ = ["BertModel"]
+SPEC = ModelSpec(
+    name="bert",
+    build=BertModel,
+    objective=bert_pretraining,
+    datasets=bert_datasets_for_run,
+    default_tokenizer="english-wordpiece",
+    tokens_per_sample=lambda cfg: cfg.model.seq_length,
+    tensor_parallel=parallelize_bert,
+    pipeline_split=pipeline_split_bert,
+    pipeline_objective=BERT_PIPELINE,
+    hf_adapter=ADAPTER,
+)
+
+__all__ = ["BertModel", "SPEC"]

@@ -3,7 +3,7 @@
 
 One template table per layout (HF name ↔ our name, ``{}`` = layer index), shared by the two
 classes of that layout; the reverse direction is derived from the same table by
-:mod:`toolkit.checkpoint.hf_mapping`. Tensors are copied as they are, except:
+:mod:`toolkit.mapping.tables`. Tensors are copied as they are, except:
 
 * Vocabulary rows (word embeddings, the MLM bias): exports cut our padding, imports re-pad with zeros.
 * A model without token-type embeddings (``num_tokentypes: 0``) exports a zero
@@ -16,14 +16,17 @@ neither, so no randomly initialized NSP head pretends to be trained. On import t
 the MLM and is skipped). A checkpoint without ``cls.predictions.*`` (``BertModel``) is refused.
 
 Legacy Megatron-LM BERT (``language_model.embedding.*``, ``encoder.layers.N.*``, ``pooler``,
-``lm_head``, ``binary_head``; see :mod:`toolkit.checkpoint.megatron_legacy`) is one more table.
+``lm_head``, ``binary_head``; see :mod:`toolkit.convert.megatron_legacy`) is one more table.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from toolkit.checkpoint.hf_mapping import (
+from toolkit.config import ModelConfig, ffn_size
+from toolkit.errors import CheckpointError
+from toolkit.mapping.megatron import megatron_layer_rules
+from toolkit.mapping.tables import (
     FamilyAdapter,
     HFTarget,
     MappingContext,
@@ -35,10 +38,6 @@ from toolkit.checkpoint.hf_mapping import (
     rule,
     when_flag,
 )
-from toolkit.checkpoint.megatron_mapping import megatron_layer_rules
-from toolkit.config import ModelConfig
-from toolkit.errors import CheckpointError
-from toolkit.models.common.layer import ffn_size
 
 #: rows of the zero token-type table exported for a model without token types
 EXPORTED_TOKENTYPES = 2
@@ -116,7 +115,7 @@ MEGATRON_BERT_TABLE = TemplateTable(
     ignore_hf=_IGNORE,
 )
 
-# Legacy Megatron-LM BERT (toolkit.checkpoint.megatron_legacy merges the shards and drops the
+# Legacy Megatron-LM BERT (toolkit.convert.megatron_legacy merges the shards and drops the
 # language_model./encoder. prefixes before this table applies).
 MEGATRON_TABLE = TemplateTable([
     rule("embedding.word_embeddings.weight", "embed.tokens.weight", "megatron.vocab_rows"),

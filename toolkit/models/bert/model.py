@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.config import ModelConfig
-from toolkit.models.common.embeddings import mask_padded_vocab, model_vocab_sizes
 from toolkit.models.common import TransformerLayer, build_norm
+from toolkit.models.common.embeddings import mask_padded_vocab, model_vocab_sizes
 from toolkit.models.common.init import init_weights
 from toolkit.models.common.mlp import ACTIVATIONS, GATED
 

@@ -84,7 +84,7 @@ def pipeline_split_bert(model: nn.Module, layer_ids: Sequence[str], *, first: bo
     """One pipeline stage of a materialized BERT: the layers ``layer_ids`` (global indices), the
     embedding when ``first``; the final norm (pre-LN), pooler, sentence-pair head and MLM head when
     ``last``. The stage's forward returns tensors (``BertModel.pipeline_stage``); every stage gets the
-    padding mask as a keyword argument (``toolkit.training.objectives.BERT_PIPELINE``).
+    padding mask as a keyword argument (``toolkit.models.bert.objective.BERT_PIPELINE``).
 
     Tensors are shared with ``model``, not copied — except the word embedding on a last stage that is
     not also first: the MLM projection is tied to it, so that stage gets its own copy, still named

@@ -5,18 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from toolkit.config import ModelConfig
+from toolkit.config import ModelConfig, ffn_size, head_dim
 from toolkit.models.common.attention import Attention, KVCache
 from toolkit.models.common.mlp import MLP
 from toolkit.models.common.norms import build_norm
-
-
-def head_dim(cfg: ModelConfig) -> int:
-    return cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
-
-
-def ffn_size(cfg: ModelConfig) -> int:
-    return cfg.ffn_hidden_size or 4 * cfg.hidden_size
 
 
 class TransformerLayer(nn.Module):

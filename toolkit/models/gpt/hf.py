@@ -1,7 +1,7 @@
 """Hugging Face adapter of the GPT family: ``GPT2LMHeadModel`` and ``LlamaForCausalLM``.
 
 One template table per target (HF name ↔ our name, ``{}`` = layer index); the reverse direction
-is derived from the same table by :mod:`toolkit.checkpoint.hf_mapping`. The only tensor transforms:
+is derived from the same table by :mod:`toolkit.mapping.tables`. The only tensor transforms:
 
 * GPT-2's attention is one Conv1D ``c_attn`` (weight ``[hidden, 3·hidden]``, i.e. ``[in, out]``)
   holding q, k, v side by side; ours are three Linear weights ``[out, in]`` → concatenate and
@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from toolkit.checkpoint.hf_mapping import (
+from toolkit.config import ModelConfig, ffn_size, head_dim
+from toolkit.errors import CheckpointError
+from toolkit.mapping.megatron import megatron_layer_rules
+from toolkit.mapping.tables import (
     FamilyAdapter,
     HFTarget,
     MappingContext,
@@ -30,10 +33,6 @@ from toolkit.checkpoint.hf_mapping import (
     split_rows,
     when_flag,
 )
-from toolkit.checkpoint.megatron_mapping import megatron_layer_rules
-from toolkit.config import ModelConfig
-from toolkit.errors import CheckpointError
-from toolkit.models.common.layer import ffn_size, head_dim
 from toolkit.models.common.mlp import GATED
 
 # ---------------------------------------------------------------------------- GPT-2 transforms
@@ -115,7 +114,7 @@ LLAMA_TABLE = TemplateTable(
     ignore_hf=["model.layers.{}.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq", ("lm_head.weight", _tied)],
 )
 
-# Legacy Megatron-LM GPT (toolkit.checkpoint.megatron_legacy merges the shards and spells every name
+# Legacy Megatron-LM GPT (toolkit.convert.megatron_legacy merges the shards and spells every name
 # the legacy way without the language_model./encoder. prefixes before this table applies).
 MEGATRON_TABLE = TemplateTable([
     rule("embedding.word_embeddings.weight", "embed.tokens.weight", "megatron.vocab_rows"),

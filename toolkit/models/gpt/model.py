@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.config import ModelConfig
-from toolkit.models.common.embeddings import mask_padded_vocab, model_vocab_sizes
+from toolkit.config import ModelConfig, head_dim
 from toolkit.models.common import KVCache, RotaryEmbedding, TransformerLayer, build_norm
+from toolkit.models.common.embeddings import mask_padded_vocab, model_vocab_sizes
 from toolkit.models.common.init import init_weights
-from toolkit.models.common.layer import head_dim
 
 
 class GPTEmbedding(nn.Module):

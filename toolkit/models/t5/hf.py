@@ -1,7 +1,7 @@
 """Hugging Face adapter of the T5 family: ``T5ForConditionalGeneration`` (v1.0 and v1.1).
 
 One template table (HF name ↔ our name; ``{}`` = layer index, encoder and decoder stacks counted
-separately); the reverse direction is derived from it by :mod:`toolkit.checkpoint.hf_mapping`.
+separately); the reverse direction is derived from it by :mod:`toolkit.mapping.tables`.
 Tensors are copied as they are, except the vocabulary rows of ``shared`` and ``lm_head``: exports
 cut our padding, imports re-pad with zeros.
 
@@ -23,7 +23,9 @@ saved by transformers ≥ 5 while tied) imports with ``head`` = a copy of ``shar
 
 from __future__ import annotations
 
-from toolkit.checkpoint.hf_mapping import (
+from toolkit.config import ModelConfig, ffn_size, head_dim
+from toolkit.errors import CheckpointError
+from toolkit.mapping.tables import (
     FamilyAdapter,
     HFTarget,
     MappingContext,
@@ -32,11 +34,7 @@ from toolkit.checkpoint.hf_mapping import (
     rule,
     when_flag,
 )
-from toolkit.config import ModelConfig
-from toolkit.errors import CheckpointError
-from toolkit.models.common.layer import ffn_size, head_dim
 from toolkit.models.common.mlp import GATED
-
 
 _gated, _plain = when_flag("gated"), when_flag("gated", negate=True)  # see context()
 _tied, _untied = when_flag("tied"), when_flag("tied", negate=True)

@@ -54,10 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.config import ModelConfig
-from toolkit.models.common.embeddings import mask_padded_vocab, model_vocab_sizes
+from toolkit.config import ModelConfig, ffn_size, head_dim
 from toolkit.models.common import MLP, Attention, KVCache
-from toolkit.models.common.layer import ffn_size, head_dim
+from toolkit.models.common.embeddings import mask_padded_vocab, model_vocab_sizes
+from toolkit.models.t5.generation import generate_seq2seq
 from toolkit.models.t5.position_bias import RelativePositionBias
 
 
@@ -193,6 +193,10 @@ class T5Model(nn.Module):
         self.tied = cfg.share_embeddings_and_output_weights
         self.head: nn.Linear | None = (None if self.tied
                                        else nn.Linear(cfg.hidden_size, self.padded_vocab_size, bias=False))
+
+    def generate_seq2seq(self, encoder_tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Decode new ids [b, n] for ``encoder_tokens`` [b, s_enc]: :func:`~toolkit.models.t5.generation.generate_seq2seq`."""
+        return generate_seq2seq(self, encoder_tokens, **kwargs)
 
     # ---- initialization ------------------------------------------------------------------
     @torch.no_grad()

@@ -1,30 +1,14 @@
-"""Pretraining objectives: (model, batch) → mean loss. One per family."""
+"""The BERT pretraining objective: masked LM plus the sentence-pair head (NSP or sentence order),
+whole and split for pipeline parallelism."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from toolkit.models.common.loss import lm_cross_entropy
 from toolkit.parallel.tensor import local_value
-from toolkit.training.loss import lm_cross_entropy
-
-
-def causal_lm(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Next-token prediction on packed windows ``batch["tokens"]`` [b, seq_length + 1]."""
-    tokens = batch["tokens"]
-    logits = model(tokens[:, :-1])  # [b, s, padded_vocab]
-    return lm_cross_entropy(logits, tokens[:, 1:])
-
-
-def t5_span_corruption(model: nn.Module, batch: dict) -> torch.Tensor:
-    """T5 span corruption: predict ``batch["labels"]`` [b, s_dec] (-100 on padding) from the corrupted
-    ``encoder_tokens`` [b, s_enc] and the right-shifted ``decoder_tokens`` [b, s_dec]."""
-    logits = model(batch["encoder_tokens"], batch["decoder_tokens"], batch.get("encoder_padding_mask"),
-                   batch.get("decoder_padding_mask"))  # [b, s_dec, padded_vocab]
-    return lm_cross_entropy(logits, batch["labels"])
+from toolkit.registry import PipelineObjective
 
 
 def bert_pretraining(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -44,20 +28,6 @@ def bert_loss(mlm_logits: torch.Tensor, binary_logits: torch.Tensor | None, labe
         # logits are plain (whole on every rank): add in plain tensors so each backward stays in its kind
         loss = local_value(loss) + torch.nn.functional.cross_entropy(binary_logits.float(), is_random)
     return loss
-
-
-@dataclass(frozen=True)
-class PipelineObjective:
-    """An objective split for pipeline parallelism (``toolkit.parallel.pipeline``)."""
-
-    # batch -> (args of the first stage, kwargs of every stage, target of the last stage's loss)
-    inputs: Callable[[dict], tuple[tuple, dict, torch.Tensor]]
-    loss: Callable[[Any, torch.Tensor], torch.Tensor]  # (last stage's output, target) -> mean loss
-
-
-# causal_lm, split: the first stage reads tokens[:, :-1], the last stage's logits meet tokens[:, 1:]
-CAUSAL_LM_PIPELINE = PipelineObjective(inputs=lambda batch: ((batch["tokens"][:, :-1],), {}, batch["tokens"][:, 1:]),
-                                       loss=lm_cross_entropy)
 
 
 def _bert_pipeline_inputs(batch: dict) -> tuple[tuple, dict, torch.Tensor]:

@@ -19,7 +19,7 @@ Models with two stacks (T5's encoder and decoder) mark the second stack's rules 
 ``layers="<flag>"``: ``{}`` then spans that context flag's count instead of ``num_layers``. Rule
 conditions read the context's flags (:func:`when_flag`), which each family sets in
 :func:`model_context`. Legacy Megatron-LM layouts, the same for every family, are
-:mod:`toolkit.checkpoint.megatron_mapping`.
+:mod:`toolkit.mapping.megatron`.
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 
-from toolkit.config import ModelConfig
+from toolkit.config import ModelConfig, head_dim, padded_vocab_size
 from toolkit.errors import CheckpointError, first_line
-from toolkit.models.common.embeddings import padded_vocab_size
-from toolkit.models.common.layer import head_dim
 
 Direction = Literal["to_hf", "from_hf"]
 Tensors = list[torch.Tensor]

@@ -1,6 +1,6 @@
 """``megaforge.json``: where a Hugging Face export came from, for its model card.
 
-:func:`~toolkit.checkpoint.hf.export_hf` writes it next to ``config.json``; ``megaforge publish``
+:func:`~toolkit.convert.hf.export_hf` writes it next to ``config.json``; ``megaforge publish``
 (:mod:`toolkit.hub`) reads it to describe the training recipe, data, parallel layout and final
 metrics. Everything in it is copied from the run directory the export was made from:
 

@@ -7,7 +7,7 @@ Layout (see docs/conversion.md)::
         mp_rank_{tp:02d}/model_optim_rng.pt            pipeline size 1
         mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt   pipeline size > 1
 
-Files are unpickled by :func:`toolkit.checkpoint.safe_load.safe_load`: ``weights_only=True`` with an
+Files are unpickled by :func:`toolkit.convert.safe_load.safe_load`: ``weights_only=True`` with an
 explicit allow-list, Megatron's own classes as inert placeholders, anything else refused.
 
 Tensor-parallel shards are merged (column-parallel on dim 0, row-parallel on dim 1, the rest
@@ -27,16 +27,22 @@ the word embeddings) and, with the sentence-pair head, ``language_model.pooler.*
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from toolkit.checkpoint.safe_load import safe_load
-from toolkit.checkpoint.streaming import LazySource, meta_tensor
 from toolkit.config import ModelConfig
+from toolkit.convert.adapters import family_adapter
+from toolkit.convert.megaforge_folder import write_megaforge_folder
+from toolkit.convert.safe_load import safe_load
+from toolkit.convert.streaming import LazySource, meta_tensor
 from toolkit.errors import CheckpointError
+from toolkit.tokenization import load_tokenizer
+
+logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -305,16 +311,12 @@ class MegatronShards:
 
 
 def import_megatron(src: str | Path, out: str | Path, *, tokenizer: str | Path | None = None,
-                    vocab_size: int | None = None, dtype: str | torch.dtype | None = "fp32",
-                    log: Callable[[str], None] | None = print) -> Path:
+                    vocab_size: int | None = None, dtype: str | torch.dtype | None = "fp32") -> Path:
     """Convert a legacy Megatron-LM GPT or BERT checkpoint folder into the megaforge folder ``out``.
 
     The true vocabulary size comes from ``vocab_size``, else the ``tokenizer``, else ``args.vocab_size``;
     without any, the padded size is kept (and said so).
     """
-    from toolkit.checkpoint.hf import family_adapter, write_megaforge_folder
-    from toolkit.tokenization import load_tokenizer
-
     folder = iteration_dir(Path(src))
     shards = MegatronShards(folder)
     tok = load_tokenizer(str(tokenizer)) if tokenizer is not None else None
@@ -322,8 +324,7 @@ def import_megatron(src: str | Path, out: str | Path, *, tokenizer: str | Path |
     vocab = vocab_size or (tok.vocab_size if tok is not None else None) or getattr(shards.args, "vocab_size", None)
     if vocab is None:
         vocab = padded or _embedding_rows(shards)
-        if log:
-            log(f"note: true vocabulary size unknown; keeping all {vocab} rows (pass vocab_size or a tokenizer)")
+        logger.warning(f"note: true vocabulary size unknown; keeping all {vocab} rows (pass vocab_size or a tokenizer)")
     tensors = shards.canonical_tensors()
     family = "bert" if any(n.startswith(_BERT_ONLY) for n in tensors) else "gpt"  # MLM head, pooler, token types
     types = tensors.get("embedding.tokentype_embeddings.weight")
@@ -333,9 +334,9 @@ def import_megatron(src: str | Path, out: str | Path, *, tokenizer: str | Path |
     if family == "bert" and "lm_head.bias" not in tensors:
         raise CheckpointError(f"{folder}: the BERT checkpoint has no lm_head (masked-LM head); megaforge imports "
                               "pretraining checkpoints, not fine-tuned classifiers")
-    if family == "bert" and cfg.activation == "gelu_tanh" and log:
-        log("note: the MLP used Megatron's fused bias-GELU (tanh approximation), imported as gelu_tanh; "
-            "Megatron's LM head used exact GELU, megaforge's uses the same activation as the MLP")
+    if family == "bert" and cfg.activation == "gelu_tanh":
+        logger.warning("note: the MLP used Megatron's fused bias-GELU (tanh approximation), imported as gelu_tanh; "
+                       "Megatron's LM head used exact GELU, megaforge's uses the same activation as the MLP")
     shards.build_index(cfg)
     adapter = family_adapter(cfg.family)
     if adapter.megatron_table is None:
@@ -349,9 +350,8 @@ def import_megatron(src: str | Path, out: str | Path, *, tokenizer: str | Path |
     out = write_megaforge_folder(out, cfg, steps, source, ctx, tokenizer=tok, dtype=dtype, trainer_state=state,
                                  where=str(folder), name=Path(str(src)).name,
                                  description=f"imported from Megatron-LM checkpoint {src}")
-    if log:
-        log(f"imported Megatron-LM {family.upper()} checkpoint {folder} (tensor parallel {shards.tp}, "
-            f"pipeline {shards.pp}, version {shards.version:g}) → {out}")
+    logger.info(f"imported Megatron-LM {family.upper()} checkpoint {folder} (tensor parallel {shards.tp}, "
+                f"pipeline {shards.pp}, version {shards.version:g}) → {out}")
     return out
 
 

@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from toolkit.checkpoint.run_dir import load_megaforge_model
+from toolkit.convert.adapters import family_adapter
 from toolkit.errors import CheckpointError
 
 PROBE_TEXTS = (
@@ -217,8 +219,6 @@ def _max_len(cfg) -> int:
 def verify_export(checkpoint: str | Path, hf_folder: str | Path, *, tolerance: float = 1e-4,
                   dtype: torch.dtype | None = None) -> VerifyReport:
     """Our checkpoint (weights rounded through ``dtype``) vs ``transformers`` loading ``hf_folder``."""
-    from toolkit.checkpoint.hf import family_adapter, load_megaforge_model
-
     model, cfg, tokenizer = load_megaforge_model(checkpoint)
     target = family_adapter(cfg.model.family).select(cfg.model)
     theirs = _load_hf_model(Path(hf_folder), target.architecture)
@@ -232,8 +232,6 @@ def verify_export(checkpoint: str | Path, hf_folder: str | Path, *, tolerance: f
 def verify_import(hf_folder: str | Path, megaforge_folder: str | Path, *, tolerance: float = 1e-4) -> VerifyReport:
     """``transformers`` loading ``hf_folder`` vs our model loaded from the imported folder (as the class
     our model exports to: e.g. ``BertForMaskedLM`` for a checkpoint without NSP head)."""
-    from toolkit.checkpoint.hf import family_adapter, load_megaforge_model
-
     model, cfg, tokenizer = load_megaforge_model(megaforge_folder)
     target = family_adapter(cfg.model.family).select(cfg.model)
     theirs = _load_hf_model(Path(hf_folder), target.architecture)
@@ -247,8 +245,6 @@ def verify_import(hf_folder: str | Path, megaforge_folder: str | Path, *, tolera
 @torch.no_grad()
 def smoke_check(megaforge_folder: str | Path) -> VerifyReport:
     """Without a reference model (legacy imports): the model loads and gives finite logits."""
-    from toolkit.checkpoint.hf import load_megaforge_model
-
     model, cfg, tokenizer = load_megaforge_model(megaforge_folder)
     ids = probe_ids(cfg.model.vocab_size, _max_len(cfg.model), tokenizer)[0]
     logits = our_logits(model, ids)[..., : cfg.model.vocab_size]

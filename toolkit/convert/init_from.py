@@ -18,12 +18,20 @@ new run).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 from dataclasses import fields
 from pathlib import Path
 
+from filelock import FileLock
+
+from toolkit.assets import default_cache_dir
+from toolkit.checkpoint.run_dir import resolve_checkpoint
 from toolkit.config import ModelConfig, RunConfig, load_config
+from toolkit.convert.dispatch import convert, detect_source
+
+logger = logging.getLogger(__name__)
 
 #: ``model.*`` keys that describe how to train, not what the weights are: kept from the run's config
 KEEP = ("seq_length", "hidden_dropout", "attention_dropout", "recompute_granularity",
@@ -43,13 +51,8 @@ def _source_key(spec: str) -> str:
     return h.hexdigest()[:16]
 
 
-def resolve_init_from(spec: str, *, log=print) -> tuple[Path, Path]:
+def resolve_init_from(spec: str) -> tuple[Path, Path]:
     """(megaforge folder with config.yaml, its checkpoint folder) for ``checkpoint.init_from``."""
-    from filelock import FileLock
-
-    from toolkit.assets import default_cache_dir
-    from toolkit.checkpoint.hf import convert, detect_source, resolve_checkpoint
-
     if detect_source(spec) == "megaforge":
         return resolve_checkpoint(spec)
     root = default_cache_dir() / "init_from"
@@ -59,10 +62,10 @@ def resolve_init_from(spec: str, *, log=print) -> tuple[Path, Path]:
         if not (folder / "config.yaml").is_file():
             tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            convert(spec, tmp, to="megaforge", log=log)
+            convert(spec, tmp, to="megaforge")
             os.replace(tmp, folder)
-        elif log:
-            log(f"init_from: using the import of {spec} cached in {folder}")
+        else:
+            logger.info(f"init_from: using the import of {spec} cached in {folder}")
     return resolve_checkpoint(folder)
 
 

@@ -1,17 +1,17 @@
-"""Legacy Megatron-LM and megatron-core tensor layouts, in the terms of :mod:`toolkit.checkpoint.hf_mapping`.
+"""Legacy Megatron-LM and megatron-core tensor layouts, in the terms of :mod:`toolkit.mapping.tables`.
 
 The fused tensors of their checkpoints (any family), after the tensor-parallel shards were merged:
 QKV grouped per query group (``megatron.qkv``), SwiGLU's ``[gate; up]`` (``megatron.swiglu``), the
 vocabulary padded to ``divisible_by × tp`` (``megatron.vocab_rows``); and the per-layer rules of a
 ``ParallelTransformerLayer`` (:func:`megatron_layer_rules`), which every family's legacy table uses
-(``FamilyAdapter(megatron_table=...)``; :mod:`toolkit.checkpoint.megatron_legacy` merges the shards).
+(``FamilyAdapter(megatron_table=...)``; :mod:`toolkit.convert.megatron_legacy` merges the shards).
 """
 
 from __future__ import annotations
 
 import torch
 
-from toolkit.checkpoint.hf_mapping import MappingContext, Rule, register_transform, rule, when_flag
+from toolkit.mapping.tables import MappingContext, Rule, register_transform, rule, when_flag
 
 
 def _groups(ctx: MappingContext) -> tuple[int, int]:

@@ -1,0 +1,54 @@
+"""The megaforge end of an import: :func:`write_megaforge_folder` writes a new run directory
+(``config.yaml``, ``tokenizer/``, ``checkpoints/step_0`` + ``latest``) from a conversion plan, one
+step at a time (what the Hugging Face and legacy Megatron-LM importers write). Reading a run
+directory is :mod:`toolkit.checkpoint.run_dir`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from toolkit.config import ModelConfig, ParallelConfig, RunConfig, save_config, validate
+from toolkit.convert.streaming import StepCache, TensorSource, parse_dtype, plan_metas, write_dcp_checkpoint
+from toolkit.errors import CheckpointError, MegaforgeError
+from toolkit.mapping.tables import MappingContext, Step
+from toolkit.models.build import build_model
+
+
+def expected_shapes(cfg: ModelConfig, tensor_parallel_size: int = 1) -> dict[str, torch.Size]:
+    """Our parameter shapes for ``cfg``, from the model built on ``meta`` (no memory used)."""
+    with torch.device("meta"):
+        model = build_model(cfg, tensor_parallel_size=tensor_parallel_size)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def write_megaforge_folder(out: str | Path, mcfg: ModelConfig, steps: list[Step], source: TensorSource,
+                           ctx: MappingContext, *, tokenizer, dtype: str | torch.dtype | None, trainer_state: dict,
+                           where: str, name: str = "imported", description: str = "",
+                           tensor_parallel_size: int = 1) -> Path:
+    """Write ``out/config.yaml``, ``out/tokenizer/`` and ``out/checkpoints/step_0`` (+ ``latest``),
+    producing our tensors from ``source`` through ``steps`` one at a time. ``ctx.padded_vocab_size``
+    must be the padding for ``tensor_parallel_size``."""
+    if tensor_parallel_size < 1:
+        raise CheckpointError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
+    cfg = RunConfig(name=name or "imported", description=description, model=mcfg,
+                    parallel=ParallelConfig(tensor_model_parallel_size=tensor_parallel_size))
+    out = Path(out)
+    if tokenizer is not None and tokenizer.vocab_size > mcfg.vocab_size:
+        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
+                              f"{mcfg.vocab_size}; they do not belong together")
+    try:
+        validate(cfg)
+    except MegaforgeError as e:
+        raise CheckpointError(f"{where}: its config is not a valid megaforge model: {e}") from None
+    items = plan_metas(steps, source, ctx, dtype=parse_dtype(dtype), expected_src=None,
+                       expected_dst=expected_shapes(mcfg, tensor_parallel_size), where=where)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        tokenizer.save(out / "tokenizer")
+        cfg.tokenizer.path = str((out / "tokenizer").resolve())
+    write_dcp_checkpoint(out / "checkpoints", 0, dict(items), StepCache(steps, source, ctx), trainer_state)
+    save_config(cfg, out / "config.yaml")
+    return out

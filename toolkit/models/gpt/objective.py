@@ -1,0 +1,21 @@
+"""The GPT pretraining objective: next-token prediction, whole and split for pipeline parallelism."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from toolkit.models.common.loss import lm_cross_entropy
+from toolkit.registry import PipelineObjective
+
+
+def causal_lm(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Next-token prediction on packed windows ``batch["tokens"]`` [b, seq_length + 1]."""
+    tokens = batch["tokens"]
+    logits = model(tokens[:, :-1])  # [b, s, padded_vocab]
+    return lm_cross_entropy(logits, tokens[:, 1:])
+
+
+# causal_lm, split: the first stage reads tokens[:, :-1], the last stage's logits meet tokens[:, 1:]
+CAUSAL_LM_PIPELINE = PipelineObjective(inputs=lambda batch: ((batch["tokens"][:, :-1],), {}, batch["tokens"][:, 1:]),
+                                       loss=lm_cross_entropy)
