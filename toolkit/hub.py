@@ -254,7 +254,7 @@ def publish(folder: str | Path, repo_id: str, *, private: bool = False, revision
                        card_kept=card_kept, skipped=skipped)
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     if not card_kept and not card_options.license:
-        logger.warning("note: the generated card names no license; pass --license (e.g. apache-2.0, mit, cc-by-4.0)")
+        logger.info("note: the generated card names no license; pass --license (e.g. apache-2.0, mit, cc-by-4.0)")
     if dry_run:
         logger.info(describe(plan, endpoint, dry_run=True))
         return plan

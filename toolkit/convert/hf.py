@@ -84,7 +84,7 @@ def export_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
     logger.info(f"exported {step_dir} → {out} ({target.architecture}, {len(items)} tensors, "
                 f"{_HF_DTYPE_NAMES[stored]})")
     if tokenizer is None:
-        logger.warning(f"note: {run_dir / 'tokenizer'} is missing; the export has no tokenizer files")
+        logger.info(f"note: {run_dir / 'tokenizer'} is missing; the export has no tokenizer files")
     if verify:
         report = verify_export(step_dir, out, tolerance=tolerance, dtype=torch_dtype)
         logger.info(report.summary())
@@ -173,7 +173,7 @@ def import_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
                                  tensor_parallel_size=tensor_parallel_size)
     logger.info(f"imported {src} ({architecture}) → {out}")
     if tok is None:
-        logger.warning("note: no tokenizer files found; pass tokenizer=... (--tokenizer) to add one")
+        logger.info("note: no tokenizer files found; pass tokenizer=... (--tokenizer) to add one")
     if verify:
         report = verify_import(folder, out, tolerance=tolerance)
         logger.info(report.summary())

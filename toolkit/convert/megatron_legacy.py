@@ -324,7 +324,7 @@ def import_megatron(src: str | Path, out: str | Path, *, tokenizer: str | Path |
     vocab = vocab_size or (tok.vocab_size if tok is not None else None) or getattr(shards.args, "vocab_size", None)
     if vocab is None:
         vocab = padded or _embedding_rows(shards)
-        logger.warning(f"note: true vocabulary size unknown; keeping all {vocab} rows (pass vocab_size or a tokenizer)")
+        logger.info(f"note: true vocabulary size unknown; keeping all {vocab} rows (pass vocab_size or a tokenizer)")
     tensors = shards.canonical_tensors()
     family = "bert" if any(n.startswith(_BERT_ONLY) for n in tensors) else "gpt"  # MLM head, pooler, token types
     types = tensors.get("embedding.tokentype_embeddings.weight")
@@ -335,7 +335,7 @@ def import_megatron(src: str | Path, out: str | Path, *, tokenizer: str | Path |
         raise CheckpointError(f"{folder}: the BERT checkpoint has no lm_head (masked-LM head); megaforge imports "
                               "pretraining checkpoints, not fine-tuned classifiers")
     if family == "bert" and cfg.activation == "gelu_tanh":
-        logger.warning("note: the MLP used Megatron's fused bias-GELU (tanh approximation), imported as gelu_tanh; "
+        logger.info("note: the MLP used Megatron's fused bias-GELU (tanh approximation), imported as gelu_tanh; "
                        "Megatron's LM head used exact GELU, megaforge's uses the same activation as the MLP")
     shards.build_index(cfg)
     adapter = family_adapter(cfg.family)
