@@ -51,7 +51,9 @@ class ModelSpec:
     pipeline_split: Callable[..., Any] | None = None  # (model, layer_ids, *, first, last) -> stage; None: no PP
     pipeline_objective: PipelineObjective | None = None  # the objective split for PP (needed with pipeline_split)
     hf_adapter: Any = None  # toolkit.mapping.FamilyAdapter: Hugging Face targets and legacy Megatron-LM table
-    validate: Callable[[Any], None] | None = None  # RunConfig -> None; raises ConfigError on a bad family setting
+    validate: Callable[[Any], None] | None = None  # RunConfig -> None: family config checks (config.validate)
+    validate_parallel: Callable[[Any], None] | None = None  # RunConfig -> None: family layout checks, before any
+    # collective (parallel.validate_parallel); raise ParallelConfigError
 
     def __post_init__(self) -> None:
         if (self.pipeline_split is None) != (self.pipeline_objective is None):

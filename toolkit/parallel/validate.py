@@ -56,6 +56,8 @@ def validate_parallel(cfg: RunConfig, world_size: int) -> None:
     if p.sequence_parallel and m.seq_length % tp:
         raise ParallelConfigError(f"model.seq_length={m.seq_length} is not divisible by "
                                   f"parallel.tensor_model_parallel_size={tp} (needed by sequence_parallel)")
+    if spec.validate_parallel is not None:
+        spec.validate_parallel(cfg)
     if vpp > 1 and pp < 2:
         raise ParallelConfigError(f"parallel.virtual_pipeline_model_parallel_size={vpp} needs "
                                   f"pipeline_model_parallel_size > 1, got {pp}")

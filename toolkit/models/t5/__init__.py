@@ -15,7 +15,7 @@ from toolkit.models.t5.position_bias import RelativePositionBias, relative_posit
 from toolkit.registry import ModelSpec
 
 
-def _validate(cfg: RunConfig) -> None:
+def _validate_parallel(cfg: RunConfig) -> None:
     tp = cfg.parallel.tensor_model_parallel_size
     if cfg.parallel.sequence_parallel and tp > 1 and cfg.model.decoder_seq_length % tp:
         raise ParallelConfigError(f"model.decoder_seq_length={cfg.model.decoder_seq_length} is not divisible by "
@@ -31,7 +31,7 @@ SPEC = ModelSpec(
     tokens_per_sample=lambda cfg: cfg.model.seq_length + cfg.model.decoder_seq_length,
     tensor_parallel=parallelize_t5,
     hf_adapter=ADAPTER,
-    validate=_validate,
+    validate_parallel=_validate_parallel,
 )
 
 __all__ = ["T5Model", "T5Stack", "T5Layer", "T5Caches", "RelativePositionBias", "relative_position_bucket",
