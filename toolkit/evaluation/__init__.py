@@ -1,0 +1,1 @@
+"""Evaluation metrics for fine-tuned models (NER, sequence classification, regression)."""
