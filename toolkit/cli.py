@@ -30,6 +30,11 @@ def _cmd_train(args) -> int:
     from toolkit.training.run import train
 
     cfg = load_config(args.recipe, args.overrides)
+    if args.command == "finetune" and cfg.task.type == "none":
+        from toolkit.errors import ConfigError
+
+        raise ConfigError(f"{args.recipe} has no task section (task.type=none); finetune needs a recipe with "
+                          "task.type set (see `megaforge recipes`), or use `megaforge train` to pretrain")
     result = train(cfg)
     if result.metrics_path is not None:
         print(f"run directory: {result.run_dir}")
@@ -37,6 +42,24 @@ def _cmd_train(args) -> int:
         if result.plot_path:
             print(f"loss plot:     {result.plot_path}")
         print(f"checkpoints:   {result.run_dir / 'checkpoints'}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    import json
+
+    from toolkit.training.predict import evaluate_run
+
+    result = evaluate_run(args.run_dir, split=args.split, data=args.data, device=args.device)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("per_type",)}, indent=2))
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from toolkit.training.predict import predict_run
+
+    out = predict_run(args.run_dir, args.input, args.output, device=args.device)
+    print(f"written: {out}")
     return 0
 
 
@@ -141,6 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe", help="registered recipe name (see `megaforge recipes`) or path to a YAML file")
     s.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.max_steps=30 trainer.run_dir=runs/x")
     s.set_defaults(func=_cmd_train)
+
+    s = command("finetune", help="fine-tune for a task (a recipe with a task section), with KEY=VALUE overrides")
+    s.add_argument("recipe", help="fine-tuning recipe name (see `megaforge recipes`) or path to a YAML file")
+    s.add_argument("overrides", nargs="*", help="config overrides, e.g. checkpoint.init_from=runs/bert-tiny")
+    s.set_defaults(func=_cmd_train)
+
+    s = command("evaluate", help="task metrics of a fine-tuned run on a split; writes RUN_DIR/eval_<split>.json")
+    s.add_argument("run_dir", help="run directory of a fine-tuning run")
+    s.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="split (default valid)")
+    s.add_argument("--data", default=None, help="evaluate on this file instead of the run's task.<split>_file")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    s.set_defaults(func=_cmd_evaluate)
+
+    s = command("predict", help="run a fine-tuned model over text: entities with character offsets (jsonl or BRAT)")
+    s.add_argument("run_dir", help="run directory of a fine-tuning run")
+    s.add_argument("--input", required=True, help=".txt file, .jsonl file with a 'text' key, or a folder of .txt files")
+    s.add_argument("--output", required=True, help="output .jsonl file, or a folder for BRAT .txt/.ann files")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    s.set_defaults(func=_cmd_predict)
 
     s = command("generate", help="continue a prompt with a trained run's latest checkpoint")
     s.add_argument("run_dir", help="run directory (trainer.run_dir of the training run)")

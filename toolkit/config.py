@@ -132,6 +132,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class TaskConfig:
+    type: str = "none"  # none (pretraining) | token_classification | sequence_classification | regression
+    train_file: Optional[str] = None  # training data: a file, a BRAT folder, or a shipped task NAME:SPLIT
+    valid_file: Optional[str] = None  # validation data (metrics every trainer.eval_interval, checkpoints/best)
+    test_file: Optional[str] = None  # test data (megaforge evaluate RUN --split test)
+    format: Optional[str] = None  # conll | jsonl_tokens | jsonl_entities | brat | table; None → detected per file
+    stride: int = 32  # sub-tokens shared by two windows of a document longer than model.seq_length
+    metric_for_best: Optional[str] = None  # validation metric kept best as checkpoints/best; None → the task's main one
+    classifier_dropout: Optional[float] = None  # dropout before the task head; None → model.hidden_dropout
+    labels: List[str] = field(default_factory=list)  # label names in id order; set from the training file
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = True  # log to Weights & Biases
     mode: str = "offline"  # offline | online
@@ -160,6 +173,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 CHOICES = {  # model.family is checked against the registry (built-in families and plugins)
@@ -178,6 +192,7 @@ CHOICES = {  # model.family is checked against the registry (built-in families a
     "trainer.precision": ("fp32", "bf16", "fp16"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "logging.wandb.mode": ("offline", "online"),
+    "task.type": ("none", "token_classification", "sequence_classification", "regression"),
 }
 
 
@@ -352,6 +367,9 @@ def validate(cfg: RunConfig) -> None:
     for key in ("model.hidden_dropout", "model.attention_dropout"):
         if not 0.0 <= _get(cfg, key) < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {_get(cfg, key)}")
+    if cfg.task.type != "none" and spec.build_task is None:
+        raise ConfigError(f"model.family={m.family} has no task heads (task.type={cfg.task.type}); fine-tune an "
+                          f"encoder family")
     if spec.validate is not None:
         spec.validate(cfg)
 
@@ -391,6 +409,6 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 __all__ = [
     "RunConfig", "ModelConfig", "ParallelConfig", "DataConfig", "TokenizerConfig", "OptimConfig",
-    "TrainerConfig", "CheckpointConfig", "LoggingConfig", "WandbConfig", "load_config",
+    "TrainerConfig", "CheckpointConfig", "LoggingConfig", "WandbConfig", "TaskConfig", "load_config",
     "list_recipes", "resolve_recipe", "validate", "to_yaml", "save_config", "MISSING",
 ]

@@ -51,6 +51,9 @@ class ModelSpec:
     pipeline_split: Callable[..., Any] | None = None  # (model, layer_ids, *, first, last) -> stage; None: no PP
     pipeline_objective: PipelineObjective | None = None  # the objective split for PP (needed with pipeline_split)
     hf_adapter: Any = None  # toolkit.mapping.FamilyAdapter: Hugging Face targets and legacy Megatron-LM table
+    build_task: Callable[..., Any] | None = None  # (ModelConfig, TaskConfig, *, tensor_parallel_size) -> model
+    # with a task head (fine-tuning); None: the family cannot be fine-tuned for a task
+    task_objectives: dict[str, Callable[[Any, dict], Any]] | None = None  # task.type -> (model, batch) -> loss
     validate: Callable[[Any], None] | None = None  # RunConfig -> None: family config checks (config.validate)
     validate_parallel: Callable[[Any], None] | None = None  # RunConfig -> None: family layout checks, before any
     # collective (parallel.validate_parallel); raise ParallelConfigError
@@ -58,6 +61,8 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if (self.pipeline_split is None) != (self.pipeline_objective is None):
             raise ValueError(f"model family {self.name!r}: pipeline_split and pipeline_objective go together")
+        if (self.build_task is None) != (self.task_objectives is None):
+            raise ValueError(f"model family {self.name!r}: build_task and task_objectives go together")
 
 
 def _builtin_names() -> list[str]:

@@ -37,6 +37,7 @@ from toolkit.errors import CheckpointError
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
+BEST = "best"  # the fine-tuning checkpoint with the best validation metric (model weights only)
 
 # DCP warns that it runs without a process group; that is the single-process case, on purpose.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -125,8 +126,29 @@ class CheckpointManager:
 
         ``model``/``optimizer``: one module and its optimizer, or this rank's pipeline stage modules
         and one optimizer per stage module (see :func:`app_state`)."""
-        final = self.folder / f"step_{step}"
-        tmp = self.folder / f"step_{step}.tmp"
+        final = self._write(f"step_{step}", model, optimizer, trainer_state, process_group=process_group)
+        if _rank() == 0:
+            _write_atomic(self.folder / LATEST, final.name)
+            self._prune(keep=final)
+        _barrier()
+        return final
+
+    def save_best(self, model: nn.Module | Sequence[nn.Module], trainer_state: dict[str, Any], *,
+                  process_group=None) -> Path:
+        """Collective: write the model weights (no optimizer state) atomically as ``best`` (replacing
+        the previous best); ``latest`` does not move."""
+        path = self._write(BEST, model, None, trainer_state, process_group=process_group)
+        _barrier()
+        return path
+
+    def best_state(self) -> dict | None:
+        """The trainer state saved with ``best``, or None when there is no best checkpoint yet."""
+        path = self.folder / BEST
+        return read_trainer_state(path) if is_complete(path) else None
+
+    def _write(self, name: str, model, optimizer, trainer_state: dict[str, Any], *, process_group=None) -> Path:
+        final = self.folder / name
+        tmp = self.folder / f"{name}.tmp"
         if _rank() == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -142,9 +164,6 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.folder)
-            _write_atomic(self.folder / LATEST, final.name)
-            self._prune(keep=final)
-        _barrier()
         return final
 
     def _prune(self, keep: Path) -> None:
@@ -157,10 +176,20 @@ class CheckpointManager:
     # ---- loading -------------------------------------------------------------------------
     def load(self, path: Path, model: nn.Module | Sequence[nn.Module],
              optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
-             *, process_group=None) -> dict:
-        """Load model (and optimizer) state in place from ``path``; returns its trainer state."""
+             *, process_group=None, partial: bool = False) -> dict:
+        """Load model (and optimizer) state in place from ``path``; returns its trainer state.
+
+        ``partial``: load the model tensors the checkpoint has and leave the others as they are (a
+        fine-tuning head on a pretrained encoder); their names are returned under ``"not_loaded"``.
+        """
         trainer_state = read_trainer_state(path)
         state = app_state(model, optimizer)
+        not_loaded: list[str] = []
+        if partial:
+            saved = saved_tensor_shapes(path)
+            not_loaded = sorted(k for k in state["model"] if f"model.{k}" not in saved)
+            for k in not_loaded:
+                del state["model"][k]
         # a layout with another tp pads the vocabulary differently: load those tensors re-padded
         fixes = prepare_padding_fixes(state, saved_tensor_shapes(path), vocab_size=_vocab_size(model),
                                       where=str(path))
@@ -170,7 +199,8 @@ class CheckpointManager:
             raise CheckpointError(f"cannot load checkpoint {path}: {_first_line(e)}; was it written by a "
                                   "different model configuration?") from None
         trainer_state["repadded"] = apply_padding_fixes(fixes)
-        set_app_state(model, optimizer, state)
+        set_app_state(model, optimizer, state, strict=not partial)
+        trainer_state["not_loaded"] = not_loaded
         return trainer_state
 
 
@@ -216,12 +246,14 @@ def app_state(model: nn.Module | Sequence[nn.Module],
 
 def set_app_state(model: nn.Module | Sequence[nn.Module],
                   optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
-                  state: dict[str, Any]) -> None:
-    """Load a loaded :func:`app_state` dict back into the parts (each strictly takes its own keys)."""
+                  state: dict[str, Any], *, strict: bool = True) -> None:
+    """Load a loaded :func:`app_state` dict back into the parts (each strictly takes its own keys;
+    with ``strict=False`` a part may be given only some of them)."""
     models, optimizers = _parts(model, optimizer)
     for i, part in enumerate(models):
         own = get_model_state_dict(part).keys() if len(models) > 1 else state["model"].keys()
-        set_model_state_dict(part, {k: state["model"][k] for k in own}, options=StateDictOptions(strict=True))
+        own = [k for k in own if k in state["model"]]
+        set_model_state_dict(part, {k: state["model"][k] for k in own}, options=StateDictOptions(strict=strict))
         if optimizers is not None:
             own = (get_optimizer_state_dict(part, optimizers[i], options=_OPTIM_OPTIONS).keys()
                    if len(models) > 1 else state["optim"].keys())

@@ -54,6 +54,7 @@ def reshard_offline(src: str | Path, out: str | Path, *, tensor_parallel: int = 
     manager = CheckpointManager(step.parent)
     state = manager.load(step, model, optimizer)
     repadded = state.pop("repadded", [])
+    state.pop("not_loaded", None)
     layout = {"tp": tensor_parallel, "pp": pipeline_parallel, "dp": 1}
     if p.virtual_pipeline_model_parallel_size:
         layout["vpp"] = p.virtual_pipeline_model_parallel_size

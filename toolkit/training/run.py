@@ -24,6 +24,7 @@ from toolkit.parallel import dist_env, validate_parallel
 from toolkit.parallel.runtime import ParallelRuntime, setup
 from toolkit.registry import get_spec
 from toolkit.tokenization import Tokenizer, load_tokenizer
+from toolkit.training import finetune
 from toolkit.training.metrics import flops_per_token
 from toolkit.training.trainer import PartOptimizers, Trainer, TrainResult
 
@@ -159,23 +160,26 @@ def _train(cfg: RunConfig, runtime: ParallelRuntime) -> TrainResult:
     t = cfg.trainer
     spec = get_spec(cfg.model.family)
     tokenizer = setup_tokenizer(cfg)
+    task = finetune.prepare(cfg, tokenizer) if cfg.task.type != "none" else None  # fixes task.labels
     # rank 0 writes the run directory and builds index caches; the others then read them
     if runtime.is_logging_rank:
         run_dir = prepare_run_dir(cfg, tokenizer)
-        train_ds, valid_ds = build_datasets(cfg, tokenizer, run_dir)
+        train_ds, valid_ds = (task.train, task.valid) if task else build_datasets(cfg, tokenizer, run_dir)
     runtime.barrier()
     if not runtime.is_logging_rank:
         run_dir = run_dir_of(cfg)
-        train_ds, valid_ds = build_datasets(cfg, tokenizer, run_dir)
+        train_ds, valid_ds = (task.train, task.valid) if task else build_datasets(cfg, tokenizer, run_dir)
     parts, pipeline, n_params = build_model_parts(cfg, runtime)
     optimizers = PartOptimizers([build_optimizer(part, cfg.optim) for part in parts])
-    objective = spec.objective
+    objective = spec.task_objectives[cfg.task.type] if task else spec.objective
     if t.compile:  # the trainer keeps the plain module: checkpoints and clipping see single-device names
-        objective = _compiled_objective(spec.objective, torch.compile(parts[0]))
+        objective = _compiled_objective(objective, torch.compile(parts[0]))
     trainer = Trainer(cfg=cfg, model_parts=parts, optimizers=optimizers, objective=objective,
                       train_dataset=train_ds, valid_dataset=valid_ds, runtime=runtime, run_dir=run_dir,
                       flops_per_token=flops_per_token(cfg.model, n_params),
-                      tokens_per_sample=spec.tokens_per_sample(cfg), pipeline=pipeline)
+                      tokens_per_sample=spec.tokens_per_sample(cfg), pipeline=pipeline,
+                      evaluator=finetune.evaluator(cfg, task, runtime.device) if task else None,
+                      metric_for_best=finetune.main_metric(cfg) if task else None)
     if runtime.is_logging_rank:
         where = (f"{runtime.dims.world_size} processes, layout {runtime.layout}" if runtime.dims.world_size > 1
                  else runtime.device)
@@ -187,7 +191,7 @@ def _train(cfg: RunConfig, runtime: ParallelRuntime) -> TrainResult:
         if runtime.is_logging_rank:
             logger.info("megaforge: end-of-run sample skipped under tensor parallelism; run "
                         "`megaforge generate RUN_DIR`")
-    elif t.sample_prompt:
+    elif t.sample_prompt and cfg.task.type == "none":
         # under torchrun every rank generates in lockstep (data-parallel replicas alike; a pipeline
         # passes hidden states stage to stage); rank 0 prints
         text = generate_text(pipeline if pipeline is not None else parts[0], tokenizer, t.sample_prompt,

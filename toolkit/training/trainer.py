@@ -102,6 +102,8 @@ class Trainer:
         flops_per_token: float,  # training FLOPs per token of the whole model (for MFU)
         tokens_per_sample: int,  # tokens one sample trains on (for tokens/s)
         pipeline: Pipeline | None = None,  # drives model_parts when pipeline_model_parallel_size > 1
+        evaluator: Callable[[list[nn.Module]], dict] | None = None,  # validation metrics (fine-tuning)
+        metric_for_best: str | None = None,  # with evaluator: the metric checkpoints/best follows
     ):
         self.model_parts, self.optimizers, self.objective = list(model_parts), optimizers, objective
         self.train_dataset, self.valid_dataset = train_dataset, valid_dataset
@@ -117,12 +119,17 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
         self.num_microbatches = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * self.dp_size)
         self.state = TrainState()
+        self.evaluator, self.metric_for_best = evaluator, metric_for_best
+        self.finetuning = cfg.task.type != "none"  # a task head on a pretrained encoder
+        self.best: float | None = None  # best value of metric_for_best so far
 
     # ---- checkpoints ---------------------------------------------------------------------
     def resume(self) -> bool:
         """Load the last complete checkpoint of the run directory, if any. True when resumed."""
         self.checkpoints.clean_partial()
         latest = self.checkpoints.latest() if self.ckpt_cfg.resume else None
+        best = self.checkpoints.best_state() if latest is not None else None
+        self.best = best.get("best_metric") if best else None
         if latest is None:
             self._load_init_from()
             return False
@@ -143,10 +150,13 @@ class Trainer:
         if not self.ckpt_cfg.init_from:
             return
         source = Path(self.ckpt_cfg.init_from)
-        state = self.checkpoints.load(source, self.model_parts, None)
+        # a fine-tune takes the encoder from a pretrained (or headless) model; its task head starts fresh
+        state = self.checkpoints.load(source, self.model_parts, None, partial=self.finetuning)
         if self.is_logging_rank:
             padded = f"; vocabulary padding re-laid in {len(state['repadded'])} tensors" if state.get("repadded") else ""
-            logger.info(f"initialized the weights from {source}{padded}")
+            fresh = state.get("not_loaded") or []
+            fresh_note = f"; initialized fresh (not in the source): {', '.join(fresh)}" if fresh else ""
+            logger.info(f"initialized the weights from {source}{padded}{fresh_note}")
 
     def save(self) -> Path:
         trainer_state = {
@@ -271,6 +281,23 @@ class Trainer:
             for part in self.model_parts:
                 part.train()
 
+    def _validate_task(self, record: dict) -> None:
+        """Task metrics on the validation set into ``record`` (``val_<metric>``); a new best value of
+        ``metric_for_best`` saves ``checkpoints/best``."""
+        scores = self.evaluator(self.model_parts)
+        record.update({f"val_{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
+        if self.metric_for_best not in scores:
+            return
+        value = float(scores[self.metric_for_best])
+        lower_is_better = self.metric_for_best in ("mse", "loss")
+        if self.best is None or (value < self.best if lower_is_better else value > self.best):
+            self.best = value
+            self.checkpoints.save_best(self.model_parts, {"step": self.state.step, "best_metric": value,
+                                                          "metric": self.metric_for_best, "layout": self.layout})
+            if self.is_logging_rank:
+                logger.info(f"step {self.state.step}: {self.metric_for_best}={value:.4f}, the best so far → "
+                            f"{self.checkpoints.folder / 'best'}")
+
     # ---- the loop ------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         self.resume()
@@ -311,6 +338,8 @@ class Trainer:
                     record["val_loss"] = val
                     record["val_ppl"] = math.exp(min(val, 50.0))
                     result.val_loss = val
+                if self.evaluator is not None:
+                    self._validate_task(record)
             if self.is_logging_rank and (self.state.step % cfg.log_interval == 0 or last or "val_loss" in record):
                 metrics.log(record)
                 if wandb:

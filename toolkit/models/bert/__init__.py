@@ -8,6 +8,8 @@ from toolkit.models.bert.hf import ADAPTER
 from toolkit.models.bert.model import BertModel
 from toolkit.models.bert.objective import BERT_PIPELINE, bert_pretraining
 from toolkit.models.bert.parallelize import parallelize_bert, pipeline_split_bert
+from toolkit.models.bert.task import BertForTask
+from toolkit.models.common.task_objectives import TASK_OBJECTIVES
 from toolkit.registry import ModelSpec
 
 SPEC = ModelSpec(
@@ -21,6 +23,8 @@ SPEC = ModelSpec(
     pipeline_split=pipeline_split_bert,
     pipeline_objective=BERT_PIPELINE,
     hf_adapter=ADAPTER,
+    build_task=BertForTask,
+    task_objectives=TASK_OBJECTIVES,
 )
 
-__all__ = ["BertModel", "SPEC"]
+__all__ = ["BertModel", "BertForTask", "SPEC"]

@@ -1,0 +1,150 @@
+"""Fine-tuning end to end through the CLI on small synthetic tasks a tiny encoder learns in seconds:
+finetune → validation metrics and checkpoints/best → evaluate → predict (long notes, character
+offsets), beating the majority-class baseline on held-out data; bad input is one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from toolkit.data.tasks import read_examples
+from toolkit.evaluation.metrics import majority_baseline
+
+DRUGS = ["aspirin", "metformin", "lisinopril", "warfarin", "insulin", "heparin"]
+FILLER = ["the", "patient", "was", "seen", "today", "and", "is", "doing", "well", "with", "no", "new", "pain"]
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
+        "model.seq_length=32", "model.max_position_embeddings=32", "model.hidden_dropout=0.0",
+        "model.attention_dropout=0.0", "trainer.micro_batch_size=16", "trainer.global_batch_size=16",
+        "optim.lr=3e-3", "optim.lr_warmup_steps=5", "trainer.eval_iters=2", "trainer.num_threads=1",
+        "logging.plot=false", "logging.progress_bar=false", "task.stride=8"]
+
+
+def sentence(rng: random.Random) -> tuple[list[str], list[str]]:
+    words = rng.sample(FILLER, 5)
+    tags = ["O"] * 5
+    at = rng.randrange(6)
+    words.insert(at, rng.choice(DRUGS))
+    tags.insert(at, "B-Drug")
+    return words, tags
+
+
+def conll(path: Path, n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        words, tags = sentence(rng)
+        lines += [f"{w}\t{t}" for w, t in zip(words, tags)] + [""]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ner_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ner")
+    train, valid = conll(root / "train.conll", 400, 0), conll(root / "valid.conll", 60, 1)
+    run = root / "run"
+    out = run_cli("finetune", "bert-tiny-ncbi-disease", *TINY, f"task.train_file={train}", f"task.valid_file={valid}",
+                  "task.test_file=null", "trainer.max_steps=40", "trainer.eval_interval=20",
+                  "checkpoint.save_interval=20", f"trainer.run_dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root, run, out
+
+
+def test_finetune_validates_and_keeps_the_best(ner_run):
+    root, run, out = ner_run
+    assert "labels O, B-Drug, I-Drug" in out.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_f1_strict" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    assert (run / "checkpoints" / "best" / ".metadata").is_file()
+    best = json.loads((run / "checkpoints" / "best" / "trainer_state.json").read_text())
+    assert best["metric"] == "f1_strict" and best["best_metric"] == max(r["val_f1_strict"] for r in evals)
+    assert "labels:" in (run / "config.yaml").read_text() and "B-Drug" in (run / "config.yaml").read_text()
+
+
+def test_evaluate_beats_the_majority_baseline(ner_run):
+    root, run, _ = ner_run
+    out = run_cli("evaluate", str(run), "--split", "valid")
+    assert out.returncode == 0, out.stderr[-2000:]
+    scores = json.loads((run / "eval_valid.json").read_text())
+    for key in ("f1_strict", "precision_strict", "recall_strict", "f1_lenient", "token_accuracy", "per_type"):
+        assert key in scores
+    gold_train = [e.tags for e in read_examples(root / "train.conll")]
+    gold_valid = [e.tags for e in read_examples(root / "valid.conll")]
+    base = majority_baseline(gold_train, gold_valid, "token_classification")
+    assert base["f1_strict"] == 0.0 and base["token_accuracy"] == pytest.approx(5 / 6)
+    assert scores["f1_strict"] > base["f1_strict"] + 0.5, scores
+    assert scores["token_accuracy"] > base["token_accuracy"], scores
+    assert scores["per_type"]["Drug"]["support"] == 60
+
+
+def test_predict_long_note_gives_offsets_into_the_text(ner_run, tmp_path):
+    _, run, _ = ner_run
+    rng = random.Random(7)
+    parts = [" ".join(sentence(rng)[0]) + "." for _ in range(30)]  # ~200 words: many 32-token windows
+    note = "  ".join(parts)
+    (tmp_path / "note.txt").write_text(note)
+    out = run_cli("predict", str(run), "--input", str(tmp_path / "note.txt"), "--output", str(tmp_path / "p.jsonl"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    (doc,) = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert doc["text"] == note
+    found = [e for e in doc["entities"]]
+    assert all(note[e["start"]:e["end"]] == e["text"] and e["label"] == "Drug" and 0 < e["score"] <= 1 for e in found)
+    expected = [(i, i + len(w)) for w in DRUGS for i in _find_all(note, w)]
+    hits = {(e["start"], e["end"]) for e in found} & set(expected)
+    assert len(hits) >= 0.8 * len(expected), (len(hits), len(expected))
+    brat = tmp_path / "brat"
+    assert run_cli("predict", str(run), "--input", str(tmp_path / "note.txt"), "--output", str(brat)).returncode == 0
+    assert (brat / "note.txt").read_text() == note and (brat / "note.ann").read_text().startswith("T1\tDrug ")
+
+
+def _find_all(text: str, word: str) -> list[int]:
+    out, i = [], text.find(word)
+    while i >= 0:
+        out.append(i)
+        i = text.find(word, i + 1)
+    return out
+
+
+def test_sequence_classification_beats_the_majority_baseline(tmp_path):
+    rng = random.Random(3)
+
+    def rows(n):
+        out = []
+        for i in range(n):
+            words, _ = sentence(rng)
+            label = "medication" if i % 3 else "none"
+            if label == "none":
+                words = rng.sample(FILLER, 6)
+            out.append({"text": " ".join(words), "label": label})
+        return out
+
+    for name, n in (("train", 300), ("valid", 60)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(n)))
+    run = tmp_path / "run"
+    out = run_cli("finetune", "bert-tiny-ncbi-disease", *TINY, "task.type=sequence_classification",
+                  f"task.train_file={tmp_path / 'train.jsonl'}", f"task.valid_file={tmp_path / 'valid.jsonl'}",
+                  "task.test_file=null", "trainer.max_steps=40", "trainer.eval_interval=40", f"trainer.run_dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert run_cli("evaluate", str(run)).returncode == 0
+    scores = json.loads((run / "eval_valid.json").read_text())
+    assert scores["accuracy"] > 2 / 3 + 0.2 and scores["macro_f1"] > 0.8, scores  # majority: 2/3 accuracy
+
+
+def test_unseen_valid_label_is_one_line(tmp_path):
+    train = conll(tmp_path / "train.conll", 20, 0)
+    (tmp_path / "valid.conll").write_text("x\tO\n\naspirin\tB-Chemical\n")
+    out = run_cli("finetune", "bert-tiny-ncbi-disease", *TINY, f"task.train_file={train}",
+                  f"task.valid_file={tmp_path / 'valid.conll'}", f"trainer.run_dir={tmp_path / 'run'}")
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "valid.conll:3: tag 'B-Chemical' does not occur in the training data" in lines[0]
+
+
+def test_finetune_needs_a_task_section():
+    out = run_cli("finetune", "bert-tiny")
+    assert out.returncode == 2 and "has no task section" in out.stderr

@@ -1,0 +1,150 @@
+"""Fine-tuning for a task (``task.type`` set): the task datasets, labels, and the metrics of a model
+on a split — what ``megaforge finetune`` trains with, validates every ``trainer.eval_interval``,
+and ``megaforge evaluate`` reports.
+
+Labels are discovered from the training file (or kept from ``task.labels`` when set, e.g. a run
+continuing another fine-tune) and saved in the run's ``config.yaml``; a valid/test label not among
+them is an error naming file, line and label. Token classification is scored per word (the
+prediction of each word's first sub-token, from the window that owns it) against the file's tags.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from toolkit.config import RunConfig
+from toolkit.data.tasks import LabelSet, read_examples, resolve_task_file
+from toolkit.data.tasks.datasets import EpochSampled, TaskDataset, ner_dataset, pair_dataset
+from toolkit.data.tasks.encoding import merge_word_predictions
+from toolkit.errors import ConfigError
+from toolkit.evaluation.metrics import classification_metrics, ner_metrics, regression_metrics
+
+logger = logging.getLogger(__name__)
+
+#: the validation metric ``checkpoints/best`` follows unless ``task.metric_for_best`` names another
+MAIN_METRIC = {"token_classification": "f1_strict", "sequence_classification": "accuracy", "regression": "pearson"}
+
+
+def split_file(cfg: RunConfig, split: str) -> str | None:
+    return {"train": cfg.task.train_file, "valid": cfg.task.valid_file, "test": cfg.task.test_file}[split]
+
+
+def read_split(cfg: RunConfig, path: str) -> list:
+    return read_examples(resolve_task_file(path), cfg.task.format, regression=cfg.task.type == "regression")
+
+
+def set_labels(cfg: RunConfig, train: list) -> LabelSet | None:
+    """The run's label set: ``task.labels`` if given, else discovered from ``train`` (and stored)."""
+    t = cfg.task.type
+    if t == "regression":
+        return None
+    found = LabelSet.for_ner(train) if t == "token_classification" else LabelSet.for_classes(train)
+    if not cfg.task.labels:
+        cfg.task.labels = list(found.labels)
+    labels = LabelSet(tuple(cfg.task.labels))
+    check(labels, t, train)
+    return labels
+
+
+def check(labels: LabelSet | None, task_type: str, examples: list) -> None:
+    if labels is None:
+        return
+    if task_type == "token_classification":
+        labels.check_ner(examples)
+    else:
+        labels.check_classes(examples)
+
+
+def task_dataset(cfg: RunConfig, examples: list, tokenizer, labels: LabelSet | None) -> TaskDataset:
+    if cfg.task.type == "token_classification":
+        return ner_dataset(examples, tokenizer, labels, max_length=cfg.model.seq_length, stride=cfg.task.stride)
+    return pair_dataset(examples, tokenizer, labels, max_length=cfg.model.seq_length)
+
+
+@dataclass
+class FinetuneData:
+    train: EpochSampled  # max_steps × global_batch_size samples, epoch by epoch
+    valid: TaskDataset | None
+    labels: LabelSet | None
+
+
+def prepare(cfg: RunConfig, tokenizer) -> FinetuneData:
+    """Read the train (and valid) files, fix ``task.labels`` and encode them."""
+    if not cfg.task.train_file:
+        raise ConfigError(f"task.type={cfg.task.type} needs task.train_file (a file, a BRAT folder or a shipped "
+                          "task such as ncbi-disease:train)")
+    train = read_split(cfg, cfg.task.train_file)
+    labels = set_labels(cfg, train)
+    valid = None
+    if cfg.task.valid_file:
+        examples = read_split(cfg, cfg.task.valid_file)
+        check(labels, cfg.task.type, examples)
+        valid = task_dataset(cfg, examples, tokenizer, labels)
+    train_ds = task_dataset(cfg, train, tokenizer, labels)
+    t = cfg.trainer
+    logger.info(f"fine-tuning for {cfg.task.type}: {len(train)} training examples ({len(train_ds)} inputs)"
+                + (f", {len(valid.encoded.examples)} validation examples" if valid is not None else "")
+                + (f"; labels {', '.join(labels.labels)}" if labels is not None else ""))
+    return FinetuneData(train=EpochSampled(train_ds, t.max_steps * t.global_batch_size, t.seed), valid=valid,
+                        labels=labels)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: TaskDataset, *, batch_size: int, device: torch.device,
+            loss_context: Any = None) -> tuple[list, list]:
+    """Model outputs over ``dataset`` in order: per row the predicted ids [s] (token classification),
+    the class id, or the score; and the matching confidences (softmax probability; None for scores)."""
+    was_training = model.training
+    model.eval()
+    preds, scores = [], []
+    try:
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = {k: torch.stack([r[k] for r in rows]).to(device) for k in ("tokens", "token_types", "padding_mask")}
+            out = model(batch["tokens"], token_types=batch["token_types"], padding_mask=batch["padding_mask"])
+            out = out.full_tensor() if hasattr(out, "full_tensor") else out
+            if out.dim() == 1:  # regression scores [b]
+                preds += out.float().cpu().tolist()
+                scores += [None] * len(rows)
+            else:
+                probs = out.float().softmax(-1)  # [b, (s,) labels]
+                conf, ids = probs.max(-1)
+                preds += ids.cpu().tolist()
+                scores += conf.cpu().tolist()
+    finally:
+        model.train(was_training)
+    return preds, scores
+
+
+def metrics(task_type: str, dataset: TaskDataset, preds: list, labels: LabelSet | None) -> dict:
+    """The task's metrics of ``preds`` (from :func:`predict`) against the dataset's gold labels."""
+    examples = dataset.encoded.examples
+    if task_type == "token_classification":
+        words = merge_word_predictions(dataset.encoded.windows, preds, len(examples), [len(e.words) for e in examples])
+        pred_tags = [[labels.labels[i] for i in w] for w in words]
+        return ner_metrics([e.tags for e in examples], pred_tags)
+    if task_type == "sequence_classification":
+        return classification_metrics([str(e.label) for e in examples], [labels.labels[i] for i in preds],
+                                      labels=list(labels.labels))
+    return regression_metrics([float(e.label) for e in examples], preds)
+
+
+def evaluator(cfg: RunConfig, data: FinetuneData, device: torch.device):
+    """``(model parts) -> {metric: value}`` on the validation set, for the trainer (None without one)."""
+    if data.valid is None:
+        return None
+
+    def run(parts: list[nn.Module]) -> dict:
+        preds, _ = predict(parts[0], data.valid, batch_size=cfg.trainer.micro_batch_size, device=device)
+        return metrics(cfg.task.type, data.valid, preds, data.labels)
+
+    return run
+
+
+def main_metric(cfg: RunConfig) -> str:
+    return cfg.task.metric_for_best or MAIN_METRIC[cfg.task.type]
