@@ -19,9 +19,9 @@ def _cmd_recipes(args) -> int:
     from toolkit.recipes import recipe_table
 
     rows = recipe_table()
-    widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
     for r in rows:
-        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}")
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}")
     return 0
 
 

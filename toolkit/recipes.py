@@ -17,11 +17,14 @@ def recipe_model_on_meta(cfg: RunConfig) -> torch.nn.Module:
         return build_model(cfg.model)
 
 
-def recipe_table() -> list[tuple[str, str, str, str]]:
-    rows = [("NAME", "FAMILY", "PARAMS", "DESCRIPTION")]
+def recipe_table() -> list[tuple[str, str, str, str, str]]:
+    """One row per recipe: name, family, task (``pretrain`` or ``task.type``), parameters of the
+    pretraining-shaped model, description."""
+    rows = [("NAME", "FAMILY", "TASK", "PARAMS", "DESCRIPTION")]
     for name in list_recipes():
         cfg = load_config(name)
         n = sum(p.numel() for p in recipe_model_on_meta(cfg).parameters())
         size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-        rows.append((name, cfg.model.family, size, cfg.description))
+        task = "pretrain" if cfg.task.type == "none" else cfg.task.type
+        rows.append((name, cfg.model.family, task, size, cfg.description))
     return rows

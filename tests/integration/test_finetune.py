@@ -148,3 +148,54 @@ def test_unseen_valid_label_is_one_line(tmp_path):
 def test_finetune_needs_a_task_section():
     out = run_cli("finetune", "bert-tiny")
     assert out.returncode == 2 and "has no task section" in out.stderr
+
+
+def test_recipes_lists_finetuning_recipes_with_their_task():
+    out = run_cli("recipes")
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()}
+    for name in ("bert-tiny-ncbi-disease", "gatortron-tiny-ncbi-disease"):
+        assert rows[name][1:3] == ["bert", "token_classification"]
+    assert rows["bert-tiny"][2] == "pretrain"
+
+
+def test_interrupted_finetune_resumes_bitwise(tmp_path):
+    from tests.conftest import assert_bitwise_same_run
+
+    train, valid = conll(tmp_path / "train.conll", 100, 0), conll(tmp_path / "valid.conll", 20, 1)
+    args = [*TINY, f"task.train_file={train}", f"task.valid_file={valid}", "task.test_file=null",
+            "trainer.max_steps=8", "trainer.eval_interval=4", "model.hidden_dropout=0.1", "checkpoint.save_interval=4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_cli("finetune", "bert-tiny-ncbi-disease", *args, f"trainer.run_dir={straight}").returncode == 0
+    first = run_cli("finetune", "bert-tiny-ncbi-disease", *args, "trainer.exit_interval=4", f"trainer.run_dir={resumed}")
+    assert first.returncode == 0 and "stopping at step 4" in first.stdout
+    again = run_cli("finetune", "bert-tiny-ncbi-disease", *args, f"trainer.run_dir={resumed}")
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-2000:]
+    assert_bitwise_same_run(resumed, straight)
+
+
+def test_init_from_a_pretraining_run_keeps_the_encoder_and_starts_a_fresh_head(tmp_path):
+    import torch
+
+    from toolkit.checkpoint import load_megaforge_model
+
+    pre = tmp_path / "pre"
+    shape = [a for a in TINY if a.startswith("model.")] + ["trainer.num_threads=1", "logging.plot=false",
+                                                           "logging.wandb.enabled=false", "logging.progress_bar=false"]
+    out = run_cli("train", "bert-tiny", *shape, "trainer.max_steps=2", "trainer.micro_batch_size=4",
+                  "trainer.global_batch_size=4", "trainer.eval_interval=0", f"trainer.run_dir={pre}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    train = conll(tmp_path / "train.conll", 40, 0)
+    ft = tmp_path / "ft"
+    out = run_cli("finetune", "bert-tiny-ncbi-disease", *TINY, f"task.train_file={train}", "task.valid_file=null",
+                  "task.test_file=null", "trainer.max_steps=1", "optim.lr=1e-12", "optim.lr_warmup_steps=0",
+                  f"checkpoint.init_from={pre}", f"trainer.run_dir={ft}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "initialized fresh (not in the source): classifier.bias, classifier.weight" in out.stdout
+    source, _, _ = load_megaforge_model(pre)
+    tuned, cfg, _ = load_megaforge_model(ft)
+    assert cfg.task.type == "token_classification" and tuned.lm_head is None and tuned.pooler is None
+    src = source.state_dict()
+    for name, value in tuned.state_dict().items():
+        if not name.startswith("classifier."):  # one step at lr 1e-12: the encoder is the source's
+            assert torch.allclose(value, src[name], atol=1e-6), name
