@@ -133,6 +133,19 @@ def test_sequence_classification_beats_the_majority_baseline(tmp_path):
     assert run_cli("evaluate", str(run)).returncode == 0
     scores = json.loads((run / "eval_valid.json").read_text())
     assert scores["accuracy"] > 2 / 3 + 0.2 and scores["macro_f1"] > 0.8, scores  # majority: 2/3 accuracy
+    # exported as BertForSequenceClassification, transformers' pipeline gives megaforge predict's labels
+    transformers = pytest.importorskip("transformers")
+    hf = tmp_path / "hf"
+    out = run_cli("convert", str(run), str(hf), "--to", "hf", "--verify")
+    assert out.returncode == 0 and "verification passed" in out.stdout, out.stderr[-2000:]
+    assert json.loads((hf / "config.json").read_text())["problem_type"] == "single_label_classification"
+    texts = [r["text"] for r in rows(12)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert run_cli("predict", str(run), "--input", str(tmp_path / "in.jsonl"), "--output",
+                   str(tmp_path / "p.jsonl")).returncode == 0
+    ours = [json.loads(line)["label"] for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    classify = transformers.pipeline("text-classification", model=str(hf), device="cpu")
+    assert [r["label"] for r in classify(texts)] == ours
 
 
 def test_unseen_valid_label_is_one_line(tmp_path):
@@ -199,3 +212,27 @@ def test_init_from_a_pretraining_run_keeps_the_encoder_and_starts_a_fresh_head(t
     for name, value in tuned.state_dict().items():
         if not name.startswith("classifier."):  # one step at lr 1e-12: the encoder is the source's
             assert torch.allclose(value, src[name], atol=1e-6), name
+
+
+def test_export_to_transformers_task_class_matches_predict(ner_run, tmp_path):
+    """The fine-tuned run exports to BertForTokenClassification with its labels; --verify compares
+    logits; transformers' token-classification pipeline finds the entities megaforge predict finds
+    (aggregation "first": the word's first sub-token decides, as megaforge trains and predicts)."""
+    transformers = pytest.importorskip("transformers")
+    _, run, _ = ner_run
+    hf = tmp_path / "hf"
+    out = run_cli("convert", str(run / "checkpoints" / "best"), str(hf), "--to", "hf", "--verify")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "verification passed" in out.stdout
+    config = json.loads((hf / "config.json").read_text())
+    assert config["architectures"] == ["BertForTokenClassification"]
+    assert config["id2label"] == {"0": "O", "1": "B-Drug", "2": "I-Drug"} and config["label2id"]["B-Drug"] == 1
+    text = "the patient takes aspirin and warfarin daily , no heparin ."
+    (tmp_path / "in.txt").write_text(text)
+    assert run_cli("predict", str(run), "--input", str(tmp_path / "in.txt"), "--output",
+                   str(tmp_path / "p.jsonl")).returncode == 0
+    ours = [(e["start"], e["end"], e["label"]) for e in json.loads((tmp_path / "p.jsonl").read_text())["entities"]]
+    assert ours, "the tuned model finds drugs"
+    ner = transformers.pipeline("token-classification", model=str(hf), aggregation_strategy="first", device="cpu")
+    theirs = [(e["start"], e["end"], e["entity_group"]) for e in ner(text)]
+    assert theirs == ours

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from toolkit.config import ModelConfig, padded_vocab_size
+from toolkit.config import ModelConfig, RunConfig, TaskConfig, padded_vocab_size
 from toolkit.errors import CheckpointError
 from toolkit.mapping.tables import FamilyAdapter, HFTarget, MappingContext
 from toolkit.registry import families, get_spec
@@ -48,3 +48,30 @@ def architecture_of(adapter: FamilyAdapter, mcfg: ModelConfig, fallback: HFTarge
         return adapter.select(mcfg).architecture
     except CheckpointError:
         return fallback.architecture
+
+
+def export_target(cfg: RunConfig) -> HFTarget:
+    """The target a run exports to: the pretraining class, or with a task head (``task.type``) the
+    family's task class (``FamilyAdapter.select_task``)."""
+    adapter = family_adapter(cfg.model.family)
+    if cfg.task.type == "none":
+        return adapter.select(cfg.model)
+    if adapter.select_task is None:
+        raise CheckpointError(f"model family {cfg.model.family!r} has no Hugging Face task class for "
+                              f"task.type={cfg.task.type}")
+    return adapter.select_task(cfg.model, cfg.task)
+
+
+def task_config(task: TaskConfig) -> dict:
+    """config.json keys of a task head: labels (``id2label``/``label2id``) and, for sequence tasks,
+    ``problem_type``; empty for a pretraining run."""
+    if task.type == "none":
+        return {}
+    if task.type == "regression":
+        return {"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+                "problem_type": "regression"}
+    out = {"num_labels": len(task.labels), "id2label": {str(i): label for i, label in enumerate(task.labels)},
+           "label2id": {label: i for i, label in enumerate(task.labels)}}
+    if task.type == "sequence_classification":
+        out["problem_type"] = "single_label_classification"
+    return out

@@ -27,7 +27,14 @@ from huggingface_hub import snapshot_download
 
 from toolkit.checkpoint.run_dir import load_run_tokenizer, resolve_checkpoint
 from toolkit.config import ModelConfig, load_config
-from toolkit.convert.adapters import adapter_for_model_type, architecture_of, family_adapter, padded_context
+from toolkit.convert.adapters import (
+    adapter_for_model_type,
+    architecture_of,
+    export_target,
+    family_adapter,
+    padded_context,
+    task_config,
+)
 from toolkit.convert.megaforge_folder import expected_shapes, write_megaforge_folder
 from toolkit.convert.provenance import write_provenance
 from toolkit.convert.streaming import (
@@ -67,10 +74,10 @@ def export_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
     cfg = load_config(str(run_dir / "config.yaml"))
     mcfg = cfg.model
     adapter = family_adapter(mcfg.family)
-    target = adapter.select(mcfg)
+    target = export_target(cfg)
     source = DCPSource(step_dir)
     tp = cfg.parallel.tensor_model_parallel_size  # the vocabulary was padded for the layout it trained with
-    ours = expected_shapes(mcfg, tp)
+    ours = expected_shapes(mcfg, tp, task=cfg.task)
     ctx = padded_context(adapter, mcfg, tp)
     steps = target.table.plan("to_hf", source.names(), ctx, where=str(step_dir))
     torch_dtype = parse_dtype(dtype)
@@ -80,7 +87,7 @@ def export_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
     write_safetensors(out, items, stream_steps(steps, source, ctx, torch_dtype), max_shard_size=max_shard_size)
     stored = items[0][1].dtype if items else torch.float32
     tokenizer = load_run_tokenizer(run_dir)
-    _write_hf_configs(out, target, mcfg, tokenizer, stored)
+    _write_hf_configs(out, target, mcfg, tokenizer, stored, extra=task_config(cfg.task))
     logger.info(f"exported {step_dir} → {out} ({target.architecture}, {len(items)} tensors, "
                 f"{_HF_DTYPE_NAMES[stored]})")
     if tokenizer is None:
@@ -93,8 +100,9 @@ def export_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
     return out
 
 
-def _write_hf_configs(out: Path, target: HFTarget, mcfg: ModelConfig, tokenizer, dtype: torch.dtype) -> None:
-    config = target.config_to_hf(mcfg)
+def _write_hf_configs(out: Path, target: HFTarget, mcfg: ModelConfig, tokenizer, dtype: torch.dtype, *,
+                      extra: dict | None = None) -> None:
+    config = {**target.config_to_hf(mcfg), **(extra or {})}
     token_ids = target.token_config(special_token_ids(tokenizer) if tokenizer is not None else {})
     config.update({**token_ids, "dtype": _HF_DTYPE_NAMES[dtype],
                    "torch_dtype": _HF_DTYPE_NAMES[dtype]})  # transformers 5 reads dtype, 4.x torch_dtype

@@ -17,10 +17,10 @@ from toolkit.mapping.tables import MappingContext, Step
 from toolkit.models.build import build_model
 
 
-def expected_shapes(cfg: ModelConfig, tensor_parallel_size: int = 1) -> dict[str, torch.Size]:
-    """Our parameter shapes for ``cfg``, from the model built on ``meta`` (no memory used)."""
+def expected_shapes(cfg: ModelConfig, tensor_parallel_size: int = 1, *, task=None) -> dict[str, torch.Size]:
+    """Our parameter shapes for ``cfg`` (with ``task``'s head), from the model built on ``meta``."""
     with torch.device("meta"):
-        model = build_model(cfg, tensor_parallel_size=tensor_parallel_size)
+        model = build_model(cfg, tensor_parallel_size=tensor_parallel_size, task=task)
     return {k: v.shape for k, v in model.state_dict().items()}
 
 

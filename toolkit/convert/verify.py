@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from toolkit.checkpoint.run_dir import load_megaforge_model
-from toolkit.convert.adapters import family_adapter
+from toolkit.convert.adapters import export_target, family_adapter
 from toolkit.errors import CheckpointError
 
 PROBE_TEXTS = (
@@ -158,9 +158,25 @@ def seq2seq_lm_probe(ours: nn.Module, theirs: nn.Module, ids: torch.Tensor, voca
     return _max_diff(a, b)
 
 
+@torch.no_grad()
+def task_head_probe(ours: nn.Module, theirs: nn.Module, ids: torch.Tensor, vocab_size: int) -> float:
+    """Task heads: token logits [b, s, labels] (real tokens only), sequence logits [b, labels] or
+    regression scores [b], with padding and token types as the masked-LM probe."""
+    mask = padding_mask(ids)
+    types = token_types(ids, ours.cfg.num_tokentypes)
+    a = ours(ids, token_types=types, padding_mask=mask)
+    kwargs = {"token_type_ids": types} if types is not None else {}
+    b = theirs(input_ids=ids, attention_mask=mask.long(), **kwargs).logits
+    if a.dim() == 1:
+        b = b.squeeze(-1)  # regression: [b, 1] → [b]
+    return _max_diff(a, b, mask if a.dim() == 3 else None)
+
+
 #: task → (our model, transformers model, ids [b, s], true vocab) → max abs logit difference
 PROBES: dict[str, Callable[[nn.Module, nn.Module, torch.Tensor, int], float]] = {
     "causal_lm": causal_lm_probe, "masked_lm": masked_lm_probe, "seq2seq_lm": seq2seq_lm_probe,
+    "token_classification": task_head_probe, "sequence_classification": task_head_probe,
+    "regression": task_head_probe,
 }
 
 
@@ -220,7 +236,7 @@ def verify_export(checkpoint: str | Path, hf_folder: str | Path, *, tolerance: f
                   dtype: torch.dtype | None = None) -> VerifyReport:
     """Our checkpoint (weights rounded through ``dtype``) vs ``transformers`` loading ``hf_folder``."""
     model, cfg, tokenizer = load_megaforge_model(checkpoint)
-    target = family_adapter(cfg.model.family).select(cfg.model)
+    target = export_target(cfg)
     theirs = _load_hf_model(Path(hf_folder), target.architecture)
     report = compare_models(_round_weights(model, dtype), theirs, vocab_size=cfg.model.vocab_size,
                             max_len=_max_len(cfg.model), task=target.task, tokenizer=tokenizer, tolerance=tolerance)

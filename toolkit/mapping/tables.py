@@ -336,6 +336,8 @@ class FamilyAdapter:
     select: Callable[[Any], HFTarget]  # ModelConfig → the target it exports to, or CheckpointError saying why not
     context: Callable[[Any], MappingContext]  # ModelConfig → MappingContext
     megatron_table: TemplateTable | None = None  # canonical legacy Megatron-LM names ↔ ours (merged shards)
+    #: (ModelConfig, TaskConfig) → the target a fine-tuned model (task head) exports to; None: no task export
+    select_task: Callable[[Any, Any], HFTarget] | None = None
 
     def target(self, model_type: str) -> HFTarget | None:
         """The first target reading ``model_type`` (targets sharing a model_type share its table)."""

@@ -21,6 +21,7 @@ Legacy Megatron-LM BERT (``language_model.embedding.*``, ``encoder.layers.N.*``,
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from toolkit.config import ModelConfig, ffn_size
@@ -72,6 +73,18 @@ def _pair(hf: str, ours: str, when: Callable[[MappingContext], bool] | None = No
 
 def _common_rules() -> list:
     """Rules both layouts share: embeddings (minus LayerNorm), attention/MLP linears, pooler, heads."""
+    return [
+        *_encoder_rules(),
+        *_pair("bert.pooler.dense", "pooler.dense", when=_binary),
+        *_pair("cls.predictions.transform.dense", "lm_head.dense"),
+        *_pair("cls.predictions.transform.LayerNorm", "lm_head.norm"),
+        rule("cls.predictions.bias", "lm_head.bias", "vocab_rows"),
+        *_pair("cls.seq_relationship", "binary_head", when=_binary),
+    ]
+
+
+def _encoder_rules() -> list:
+    """Embeddings (minus LayerNorm) and the attention/MLP linears of every layer."""
     L, o = "bert.encoder.layer.{}.", "layers.{}."
     return [
         rule("bert.embeddings.word_embeddings.weight", "embed.tokens.weight", "vocab_rows", when=_types),
@@ -84,11 +97,6 @@ def _common_rules() -> list:
         *_pair(L + "attention.output.dense", o + "attn.out"),
         *_pair(L + "intermediate.dense", o + "mlp.fc1"),
         *_pair(L + "output.dense", o + "mlp.fc2"),
-        *_pair("bert.pooler.dense", "pooler.dense", when=_binary),
-        *_pair("cls.predictions.transform.dense", "lm_head.dense"),
-        *_pair("cls.predictions.transform.LayerNorm", "lm_head.norm"),
-        rule("cls.predictions.bias", "lm_head.bias", "vocab_rows"),
-        *_pair("cls.seq_relationship", "binary_head", when=_binary),
     ]
 
 
@@ -98,22 +106,24 @@ _IGNORE = ["bert.embeddings.position_ids", "bert.embeddings.token_type_ids", "cl
            ("bert.pooler.dense.bias", _no_binary)]
 
 #: post-LN (original BERT): embedding LayerNorm, each sub-layer's output normalized after the add
-BERT_TABLE = TemplateTable(
-    _common_rules()
-    + _pair("bert.embeddings.LayerNorm", "embed.norm")
-    + _pair("bert.encoder.layer.{}.attention.output.LayerNorm", "layers.{}.attn_norm")
-    + _pair("bert.encoder.layer.{}.output.LayerNorm", "layers.{}.mlp_norm"),
-    ignore_hf=_IGNORE,
-)
+_POST_LN_NORMS = (_pair("bert.embeddings.LayerNorm", "embed.norm")
+                  + _pair("bert.encoder.layer.{}.attention.output.LayerNorm", "layers.{}.attn_norm")
+                  + _pair("bert.encoder.layer.{}.output.LayerNorm", "layers.{}.mlp_norm"))
+_PRE_LN_NORMS = (_pair("bert.encoder.layer.{}.attention.ln", "layers.{}.attn_norm")
+                 + _pair("bert.encoder.layer.{}.ln", "layers.{}.mlp_norm")
+                 + _pair("bert.encoder.ln", "final_norm"))
+BERT_TABLE = TemplateTable(_common_rules() + _POST_LN_NORMS, ignore_hf=_IGNORE)
 
 #: pre-LN (Megatron-BERT, GatorTron): each sub-layer's input normalized, one final LayerNorm
-MEGATRON_BERT_TABLE = TemplateTable(
-    _common_rules()
-    + _pair("bert.encoder.layer.{}.attention.ln", "layers.{}.attn_norm")
-    + _pair("bert.encoder.layer.{}.ln", "layers.{}.mlp_norm")
-    + _pair("bert.encoder.ln", "final_norm"),
-    ignore_hf=_IGNORE,
-)
+MEGATRON_BERT_TABLE = TemplateTable(_common_rules() + _PRE_LN_NORMS, ignore_hf=_IGNORE)
+
+
+def _task_table(pre: bool, pooler: bool) -> TemplateTable:
+    """``*For{Token,Sequence}Classification``: the encoder, the pooler (sequence tasks) and ``classifier``."""
+    return TemplateTable(_encoder_rules() + (_PRE_LN_NORMS if pre else _POST_LN_NORMS)
+                         + (_pair("bert.pooler.dense", "pooler.dense") if pooler else [])
+                         + _pair("classifier", "classifier"),
+                         ignore_hf=["bert.embeddings.position_ids", "bert.embeddings.token_type_ids"])
 
 # Legacy Megatron-LM BERT (toolkit.convert.megatron_legacy merges the shards and drops the
 # language_model./encoder. prefixes before this table applies).
@@ -209,6 +219,19 @@ def _target(model_type: str, architecture: str, table: TemplateTable, binary_hea
     )
 
 
+def _task_target(pre: bool, task_type: str) -> HFTarget:
+    model_type, name = ("megatron-bert", "MegatronBert") if pre else ("bert", "Bert")
+    kind = "TokenClassification" if task_type == "token_classification" else "SequenceClassification"
+    target = _target(model_type, f"{name}For{kind}", _task_table(pre, task_type != "token_classification"), False)
+    return dataclasses.replace(target, task=task_type, config_from_hf=_no_task_import,
+                               config_from_checkpoint=None)
+
+
+def _no_task_import(d: dict) -> ModelConfig:
+    raise CheckpointError("importing a Hugging Face task model (*ForTokenClassification / "
+                          "*ForSequenceClassification) is not supported yet; import its encoder")
+
+
 BERT_PRETRAINING = _target("bert", "BertForPreTraining", BERT_TABLE, True)
 BERT_MASKED_LM = _target("bert", "BertForMaskedLM", BERT_TABLE, False)
 MEGATRON_BERT_PRETRAINING = _target("megatron-bert", "MegatronBertForPreTraining", MEGATRON_BERT_TABLE, True)
@@ -236,6 +259,17 @@ def select_target(cfg: ModelConfig) -> HFTarget:
     return BERT_PRETRAINING if cfg.bert_binary_head else BERT_MASKED_LM
 
 
+#: (pre-LN, task.type) → the transformers task class a fine-tuned model exports to
+TASK_TARGETS = {(pre, t): _task_target(pre, t) for pre in (False, True)
+                for t in ("token_classification", "sequence_classification", "regression")}
+
+
+def select_task_target(cfg: ModelConfig, task) -> HFTarget:
+    """A fine-tuned model's target: ``{Bert,MegatronBert}For{Token,Sequence}Classification``."""
+    select_target(cfg)  # the same encoder checks
+    return TASK_TARGETS[(cfg.layernorm_position == "pre", task.type)]
+
+
 def context(cfg: ModelConfig) -> MappingContext:
     return model_context(cfg, flags={"binary_head": cfg.bert_binary_head, "tokentypes": cfg.num_tokentypes > 0,
                                      "bias": cfg.add_bias_linear, "norm_bias": cfg.normalization == "LayerNorm",
@@ -245,5 +279,5 @@ def context(cfg: ModelConfig) -> MappingContext:
 ADAPTER = FamilyAdapter(
     family="bert",
     targets=(BERT_PRETRAINING, BERT_MASKED_LM, MEGATRON_BERT_PRETRAINING, MEGATRON_BERT_MASKED_LM),
-    select=select_target, context=context, megatron_table=MEGATRON_TABLE,
+    select=select_target, context=context, megatron_table=MEGATRON_TABLE, select_task=select_task_target,
 )
