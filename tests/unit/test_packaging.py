@@ -50,7 +50,8 @@ def test_wheel_ships_assets_and_works_from_elsewhere(tmp_path: Path):
     assert "toolkit/_assets/recipes/gpt/gpt-tiny.yaml" in names
     assert "toolkit/_assets/tokenizers/english-bpe/tokenizer.json" in names
     assert "toolkit/data/corpora/english.jsonl.gz" in names
-    assert "toolkit/data/tasks/ncbi-disease/train.tsv.gz" in names and "toolkit/_assets/recipes/finetune/bert-tiny-ncbi-disease.yaml" in names
+    assert "toolkit/data/tasks/ncbi-disease/train.tsv.gz" in names
+    assert "toolkit/_assets/recipes/finetune/bert-tiny-ncbi-disease.yaml" in names
     assert not any(n.startswith("tokenizers/") for n in names)
     target = tmp_path / "site"
     inst = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
