@@ -147,8 +147,21 @@ def test_brat_offsets_outside_the_text(tmp_path):
 def test_not_utf8(tmp_path):
     path = tmp_path / "latin.conll"
     path.write_bytes("caf\xe9\tO\n".encode("latin-1"))
-    with pytest.raises(DataError, match="latin.conll: not UTF-8"):
+    with pytest.raises(DataError, match="latin.conll:1: not UTF-8"):
         read_examples(path)
+
+
+def test_predict_input_not_utf8_names_file_and_line(tmp_path):
+    from toolkit.training.predict import read_documents
+
+    (tmp_path / "a.txt").write_bytes("first line\nsecond caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"a.txt:2: not UTF-8 text"):
+        read_documents(tmp_path)
+    (tmp_path / "a.txt").write_text("ok")
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n\n{"note": 1}\n')
+    assert read_documents(tmp_path / "a.txt") == [("a", "ok")]
+    with pytest.raises(DataError, match=r"b.jsonl:3: each line needs a string 'text'"):
+        read_documents(tmp_path / "b.jsonl")
 
 
 def test_unseen_label_names_file_line_and_label(tmp_path):

@@ -23,7 +23,7 @@ from toolkit.config import RunConfig
 from toolkit.data.tasks import Document, LabelSet, document_example, spans
 from toolkit.data.tasks.datasets import ner_dataset, pair_dataset
 from toolkit.data.tasks.encoding import merge_word_predictions
-from toolkit.data.tasks.formats import PairExample
+from toolkit.data.tasks.formats import PairExample, json_lines, read_text
 from toolkit.errors import ConfigError, DataError
 from toolkit.training import finetune
 
@@ -79,23 +79,13 @@ def read_documents(path: str | Path) -> list[tuple[str, str]]:
         raise DataError(f"{path}: no input; pass a .txt file, a .jsonl file with a 'text' key, or a folder of .txt files")
     docs = []
     for f in files:
-        try:
-            if f.suffix == ".jsonl":
-                for number, line in enumerate(f.read_bytes().decode("utf-8").splitlines(), 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{f}:{number}: not JSON ({e.msg})") from None
-                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise DataError(f"{f}:{number}: each line needs a string 'text'")
-                    docs.append((f"{f.stem}-{number}", obj["text"]))
-            else:
-                docs.append((f.stem, f.read_bytes().decode("utf-8")))
-        except UnicodeDecodeError as e:
-            line = f.read_bytes()[: e.start].count(b"\n") + 1
-            raise DataError(f"{f}:{line}: not UTF-8 text; convert it to UTF-8") from None
+        if f.suffix != ".jsonl":
+            docs.append((f.stem, read_text(f)))
+            continue
+        for where, obj in json_lines(f):
+            if not isinstance(obj.get("text"), str):
+                raise DataError(f"{where}: each line needs a string 'text'")
+            docs.append((f"{f.stem}-{where.rsplit(':', 1)[1]}", obj["text"]))
     return docs
 
 

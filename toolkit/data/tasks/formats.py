@@ -126,14 +126,9 @@ def _first_line(path: Path) -> str:
 
 
 def _first_json(path: Path) -> dict:
-    line = _first_line(path)
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:1: not JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}:1: each line must be a JSON object")
-    return obj
+    for _, obj in json_lines(path):
+        return obj
+    raise DataError(f"{path} is empty")
 
 
 def _open(path: Path):
@@ -146,13 +141,23 @@ def _open(path: Path):
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    number = 0
     with _open(path) as fh:
         try:
             for number, line in enumerate(fh, 1):
                 yield number, line.rstrip("\n").rstrip("\r")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a chunk); convert it to UTF-8") \
-                from None
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{number + 1}: not UTF-8 text; convert it to UTF-8") from None
+
+
+def read_text(path: str | Path) -> str:
+    """The whole UTF-8 text of ``path`` (a non-UTF-8 file is an error naming its first bad line)."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text; convert it to UTF-8") from None
 
 
 # ---------------------------------------------------------------------------- NER readers
@@ -197,7 +202,8 @@ def _as_iob2(examples: list[NerExample]) -> list[NerExample]:
     return examples
 
 
-def _json_lines(path: Path) -> Iterator[tuple[str, dict]]:
+def json_lines(path: Path) -> Iterator[tuple[str, dict]]:
+    """``("file:line", object)`` of each non-empty line of a jsonl file."""
     for number, line in _lines(path):
         if not line.strip():
             continue
@@ -212,7 +218,7 @@ def _json_lines(path: Path) -> Iterator[tuple[str, dict]]:
 
 def read_jsonl_tokens(path: str | Path) -> list[NerExample]:
     out = []
-    for where, obj in _json_lines(Path(path)):
+    for where, obj in json_lines(Path(path)):
         words, tags = obj.get("tokens"), obj.get("tags")
         if not isinstance(words, list) or not isinstance(tags, list) or len(words) != len(tags):
             raise DataError(f"{where}: needs lists 'tokens' and 'tags' of the same length")
@@ -227,7 +233,7 @@ def read_jsonl_tokens(path: str | Path) -> list[NerExample]:
 
 def read_jsonl_entities(path: str | Path) -> list[NerExample]:
     docs = []
-    for where, obj in _json_lines(Path(path)):
+    for where, obj in json_lines(Path(path)):
         text, entities = obj.get("text"), obj.get("entities", [])
         if not isinstance(text, str) or not isinstance(entities, list):
             raise DataError(f"{where}: needs a string 'text' and a list 'entities'")
@@ -249,10 +255,7 @@ def read_brat(folder: str | Path) -> list[NerExample]:
         txt = ann.with_suffix(".txt")
         if not txt.is_file():
             raise DataError(f"{ann}: no {txt.name} beside it; BRAT data is NAME.txt + NAME.ann")
-        try:
-            text = txt.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise DataError(f"{txt}: not UTF-8 text; convert it to UTF-8") from None
+        text = read_text(txt)
         ents = []
         for number, line in _lines(ann):
             if not line.startswith("T"):
@@ -314,7 +317,7 @@ def read_table(path: str | Path, *, regression: bool = False) -> list[PairExampl
     ``score``, a number; required with ``regression``)."""
     path = Path(path)
     if _suffix(path) in (".jsonl", ".json"):
-        rows = _json_lines(path)
+        rows = json_lines(path)
     else:
         rows = _csv_rows(path, "\t" if _suffix(path) in (".tsv", ".txt") else ",")
     target = "score" if regression else "label"
