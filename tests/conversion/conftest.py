@@ -56,7 +56,8 @@ def perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.n
 #: kind → the transformers class save_hf_model builds (tiny configs from hf_config)
 HF_CLASSES = {"gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM", "bert": "BertForPreTraining",
               "bert-mlm": "BertForMaskedLM", "megatron-bert": "MegatronBertForPreTraining",
-              "megatron-bert-mlm": "MegatronBertForMaskedLM", "t5": "T5ForConditionalGeneration",
+              "megatron-bert-mlm": "MegatronBertForMaskedLM", "bert-headless": "BertModel",
+              "megatron-bert-headless": "MegatronBertModel", "t5": "T5ForConditionalGeneration",
               "t5-v1_1": "T5ForConditionalGeneration"}
 
 

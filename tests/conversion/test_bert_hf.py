@@ -216,3 +216,22 @@ def test_zero_token_types_transform_is_exact_inverse():
     hf_words, types = t.to_hf([words], ctx)
     assert hf_words.shape == (10, 3) and types.shape == (2, 3) and not types.any()
     assert torch.equal(t.from_hf([hf_words, types], ctx)[0], words)
+
+
+@pytest.mark.parametrize("kind", ["bert-headless", "megatron-bert-headless"])
+def test_headless_encoder_imports_with_a_fresh_mlm_head(kind, tmp_path, capsys):
+    """BertModel / MegatronBertModel folders (how most encoders, UFNLP/gatortron-base among them, are
+    published): the encoder's hidden states match transformers; the MLM head starts fresh (one line)."""
+    theirs = save_hf_model(kind, tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "mf"), "--to", "megaforge", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "verification passed" in out and "lm_head.* initialized fresh" in out
+    ours, cfg, _ = load_megaforge_model(tmp_path / "mf")
+    assert cfg.model.layernorm_position == ("pre" if kind.startswith("megatron") else "post")
+    assert cfg.model.bert_binary_head is False
+    ids = torch.randint(0, 1000, (2, 10))
+    with torch.no_grad():
+        diff = (ours.encode(ids) - theirs(input_ids=ids).last_hidden_state).abs().max().item()
+    assert diff < 1e-4
+    assert torch.equal(ours.lm_head.bias, torch.zeros_like(ours.lm_head.bias))
+    assert torch.equal(ours.lm_head.norm.weight, torch.ones_like(ours.lm_head.norm.weight))

@@ -236,3 +236,41 @@ def test_export_to_transformers_task_class_matches_predict(ner_run, tmp_path):
     ner = transformers.pipeline("token-classification", model=str(hf), aggregation_strategy="first", device="cpu")
     theirs = [(e["start"], e["end"], e["entity_group"]) for e in ner(text)]
     assert theirs == ours
+
+
+def test_gatortron_base_ner_recipe_from_a_headless_megatron_bert_folder(tmp_path):
+    """The gatortron-base-ner recipe's path, shrunk: checkpoint.init_from a headless MegatronBertModel
+    folder (as UFNLP/gatortron-base is published) brings its architecture and tokenizer; the encoder
+    is loaded, the token-classification head starts fresh."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from toolkit.checkpoint import load_megaforge_model
+    from toolkit.tokenization import load_tokenizer
+    from toolkit.tokenization.export import export_tokenizer
+
+    tok = load_tokenizer("clinical-wordpiece")
+    config = transformers.MegatronBertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
+                                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    encoder = transformers.MegatronBertModel(config).eval()
+    hf = tmp_path / "gatortron-like"
+    encoder.save_pretrained(hf)
+    export_tokenizer(tok, hf, model_max_length=64, tokenizer_class="BertTokenizer")
+    train = conll(tmp_path / "train.conll", 40, 0)
+    run = tmp_path / "run"
+    out = run_cli("finetune", "gatortron-base-ner", f"checkpoint.init_from={hf}", f"task.train_file={train}",
+                  "task.valid_file=null", "task.test_file=null", "task.stride=8", "model.seq_length=32",
+                  "trainer.precision=fp32", "trainer.max_steps=2", "trainer.micro_batch_size=8",
+                  "trainer.global_batch_size=8", "trainer.num_threads=1", "logging.plot=false",
+                  "logging.progress_bar=false", "optim.lr_warmup_steps=0", "optim.lr=1e-12", f"trainer.run_dir={run}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "lm_head.* initialized fresh" in out.stdout
+    assert "initialized fresh (not in the source): classifier.bias, classifier.weight" in out.stdout
+    tuned, cfg, _ = load_megaforge_model(run)
+    assert (cfg.model.hidden_size, cfg.model.layernorm_position, cfg.model.vocab_size) == (64, "pre", tok.vocab_size)
+    ids = torch.randint(0, tok.vocab_size, (2, 12))
+    with torch.no_grad():  # two steps at lr 1e-12: the encoder is GatorTron-like's own
+        diff = (tuned.encode(ids) - encoder(input_ids=ids).last_hidden_state).abs().max().item()
+    assert diff < 1e-4

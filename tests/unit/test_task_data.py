@@ -80,6 +80,8 @@ def test_jsonl_tokens(tmp_path):
     path = write(tmp_path / "t.jsonl", json.dumps({"tokens": ["a", "b"], "tags": ["B-X", "I-X"]}) + "\n")
     assert detect_format(path) == "jsonl_tokens"
     assert read_examples(path)[0].tags == ["B-X", "I-X"]
+    hf = write(tmp_path / "hf.jsonl", json.dumps({"tokens": ["a"], "ner_tags": ["B-Y"]}) + "\n")
+    assert detect_format(hf) == "jsonl_tokens" and read_examples(hf)[0].tags == ["B-Y"]
 
 
 def test_character_offset_entities_become_words(tmp_path):
@@ -117,6 +119,8 @@ def test_tables(tmp_path):
     tsv = write(tmp_path / "sts.tsv", "text_a\ttext_b\tscore\nx\ty\t3.5\n")
     assert detect_format(tsv) == "table"
     assert read_examples(tsv, regression=True)[0].label == 3.5
+    glue = write(tmp_path / "glue.jsonl", json.dumps({"sentence1": "a", "sentence2": "b", "label": "x"}) + "\n")
+    assert detect_format(glue) == "table" and (read_examples(glue)[0].text_a, read_examples(glue)[0].text_b) == ("a", "b")
     jl = write(tmp_path / "cls.jsonl", json.dumps({"text": "note", "label": "discharge"}) + "\n")
     assert read_examples(jl)[0].text_b is None and LabelSet.for_classes(read_examples(jl)).labels == ("discharge",)
 

@@ -165,8 +165,8 @@ def import_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
     model_type = hf_config.get("model_type")
     if not model_type:
         raise CheckpointError(f"{folder / 'config.json'} has no model_type")
-    adapter, target = adapter_for_model_type(model_type)
     source: TensorSource = SafetensorsSource(folder)
+    adapter, target = adapter_for_model_type(model_type, frozenset(source.names()))
     mcfg = target.import_config(hf_config, source.names())
     if target.tied_aliases:
         source = AliasedSource(source, target.tied_aliases)
@@ -180,10 +180,13 @@ def import_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
                                  description=f"imported from {src} ({architecture})",
                                  tensor_parallel_size=tensor_parallel_size)
     logger.info(f"imported {src} ({architecture}) → {out}")
+    if target.task == "encoder":
+        logger.info(f"note: {src} is a headless {target.architecture} (no masked-LM head): lm_head.* initialized "
+                    "fresh; a fine-tune replaces it with its task head anyway")
     if tok is None:
         logger.info("note: no tokenizer files found; pass tokenizer=... (--tokenizer) to add one")
     if verify:
-        report = verify_import(folder, out, tolerance=tolerance)
+        report = verify_import(folder, out, tolerance=tolerance, source_target=target)
         logger.info(report.summary())
         report.raise_if_failed()
     return out

@@ -172,11 +172,21 @@ def task_head_probe(ours: nn.Module, theirs: nn.Module, ids: torch.Tensor, vocab
     return _max_diff(a, b, mask if a.dim() == 3 else None)
 
 
+@torch.no_grad()
+def encoder_probe(ours: nn.Module, theirs: nn.Module, ids: torch.Tensor, vocab_size: int) -> float:
+    """Headless encoders (``BertModel``): final hidden states [b, s, hidden] on real tokens."""
+    mask = padding_mask(ids)
+    types = token_types(ids, ours.cfg.num_tokentypes)
+    a = ours.encode(ids, types, mask)
+    kwargs = {"token_type_ids": types} if types is not None else {}
+    return _max_diff(a, theirs(input_ids=ids, attention_mask=mask.long(), **kwargs).last_hidden_state, mask)
+
+
 #: task → (our model, transformers model, ids [b, s], true vocab) → max abs logit difference
 PROBES: dict[str, Callable[[nn.Module, nn.Module, torch.Tensor, int], float]] = {
     "causal_lm": causal_lm_probe, "masked_lm": masked_lm_probe, "seq2seq_lm": seq2seq_lm_probe,
     "token_classification": task_head_probe, "sequence_classification": task_head_probe,
-    "regression": task_head_probe,
+    "regression": task_head_probe, "encoder": encoder_probe,
 }
 
 
@@ -245,11 +255,15 @@ def verify_export(checkpoint: str | Path, hf_folder: str | Path, *, tolerance: f
     return report
 
 
-def verify_import(hf_folder: str | Path, megaforge_folder: str | Path, *, tolerance: float = 1e-4) -> VerifyReport:
+def verify_import(hf_folder: str | Path, megaforge_folder: str | Path, *, tolerance: float = 1e-4,
+                  source_target=None) -> VerifyReport:
     """``transformers`` loading ``hf_folder`` vs our model loaded from the imported folder (as the class
-    our model exports to: e.g. ``BertForMaskedLM`` for a checkpoint without NSP head)."""
+    our model exports to: e.g. ``BertForMaskedLM`` for a checkpoint without NSP head; a headless
+    ``source_target`` — ``task="encoder"`` — compares the encoders' hidden states)."""
     model, cfg, tokenizer = load_megaforge_model(megaforge_folder)
     target = family_adapter(cfg.model.family).select(cfg.model)
+    if source_target is not None and source_target.task == "encoder":
+        target = source_target
     theirs = _load_hf_model(Path(hf_folder), target.architecture)
     report = compare_models(model, theirs, vocab_size=cfg.model.vocab_size, max_len=_max_len(cfg.model),
                             task=target.task, tokenizer=tokenizer, tolerance=tolerance)

@@ -4,7 +4,8 @@ Token classification (NER), every reader yielding :class:`NerExample` (words + I
 
 * ``conll`` — ``token<TAB>…<TAB>tag`` (or space separated) per line, a blank line between
   sentences, ``-DOCSTART-`` lines skipped; IOB1, IOB2 or BIOES tags (detected, converted to IOB2);
-* ``jsonl_tokens`` — one ``{"tokens": [...], "tags": [...]}`` object per line;
+* ``jsonl_tokens`` — one ``{"tokens": [...], "tags": [...]}`` object per line (``ner_tags`` also read,
+  as tag strings);
 * ``jsonl_entities`` — one ``{"text": ..., "entities": [{"start", "end", "label"}, ...]}`` per line:
   character offsets, what clinical annotation tools export;
 * ``brat`` — a folder of ``NAME.txt`` + ``NAME.ann`` standoff files (``T`` lines; a discontinuous
@@ -16,8 +17,8 @@ back to offsets in the original text.
 
 Sequence classification and regression, yielding :class:`PairExample`:
 
-* ``table`` — jsonl, tsv (with a header) or csv with ``text`` (or ``text_a`` + ``text_b``) and
-  ``label`` (or ``score``).
+* ``table`` — jsonl, tsv (with a header) or csv with ``text`` (or ``text_a`` + ``text_b``, or GLUE's
+  ``sentence1`` + ``sentence2``) and ``label`` (or ``score``).
 
 A malformed input is a one-line :class:`~toolkit.errors.DataError` naming the file and line.
 """
@@ -94,11 +95,11 @@ def detect_format(path: str | Path) -> str:
     suffix = _suffix(path)
     if suffix in (".jsonl", ".json"):
         first = _first_json(path)
-        if "tokens" in first and "tags" in first:
+        if "tokens" in first and ("tags" in first or "ner_tags" in first):
             return "jsonl_tokens"
         if "text" in first and "entities" in first:
             return "jsonl_entities"
-        if ("text" in first or "text_a" in first) and ("label" in first or "score" in first):
+        if ({"text", "text_a", "sentence1"} & set(first)) and ("label" in first or "score" in first):
             return "table"
         raise DataError(f"{path}:1: cannot tell the task format from the keys {sorted(first)}; expected tokens+tags, "
                         "text+entities, or text (text_a/text_b) + label (score); or set task.format")
@@ -106,7 +107,7 @@ def detect_format(path: str | Path) -> str:
         return "table"
     if suffix in (".tsv", ".txt", ".conll", ".bio", ".iob"):
         header = _first_line(path).split("\t")
-        if suffix == ".tsv" and ({"text", "text_a"} & set(header)) and ({"label", "score"} & set(header)):
+        if suffix == ".tsv" and ({"text", "text_a", "sentence1"} & set(header)) and ({"label", "score"} & set(header)):
             return "table"
         return "conll"
     raise DataError(f"{path}: unknown task file extension {suffix!r}; use .conll/.tsv (CoNLL), .jsonl, .csv or a BRAT "
@@ -219,9 +220,9 @@ def json_lines(path: Path) -> Iterator[tuple[str, dict]]:
 def read_jsonl_tokens(path: str | Path) -> list[NerExample]:
     out = []
     for where, obj in json_lines(Path(path)):
-        words, tags = obj.get("tokens"), obj.get("tags")
+        words, tags = obj.get("tokens"), obj.get("tags", obj.get("ner_tags"))  # ner_tags: HF datasets' name
         if not isinstance(words, list) or not isinstance(tags, list) or len(words) != len(tags):
-            raise DataError(f"{where}: needs lists 'tokens' and 'tags' of the same length")
+            raise DataError(f"{where}: needs lists 'tokens' and 'tags' (or 'ner_tags') of the same length")
         for tag in tags:
             try:
                 check_tag(str(tag))
@@ -323,7 +324,7 @@ def read_table(path: str | Path, *, regression: bool = False) -> list[PairExampl
     target = "score" if regression else "label"
     out = []
     for where, row in rows:
-        a = row.get("text_a", row.get("text"))
+        a = row.get("text_a", row.get("text", row.get("sentence1")))  # sentence1/sentence2: GLUE-style names
         if a is None:
             raise DataError(f"{where}: no 'text' or 'text_a' column (has {sorted(row)}); rename the text column")
         value = row.get(target, row.get("label") if regression else None)
@@ -336,7 +337,7 @@ def read_table(path: str | Path, *, regression: bool = False) -> list[PairExampl
                 raise DataError(f"{where}: score {value!r} is not a number") from None
         else:
             value = str(value)
-        b = row.get("text_b")
+        b = row.get("text_b", row.get("sentence2"))
         out.append(PairExample(str(a), str(b) if b not in (None, "") else None, value, where))
     return out
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import torch
+
 from toolkit.config import ModelConfig, ffn_size
 from toolkit.errors import CheckpointError
 from toolkit.mapping.megatron import megatron_layer_rules
@@ -31,6 +33,7 @@ from toolkit.mapping.tables import (
     FamilyAdapter,
     HFTarget,
     MappingContext,
+    Rule,
     TemplateTable,
     get_transform,
     model_context,
@@ -61,6 +64,21 @@ def _words_and_zero_types_from_hf(ts, ctx: MappingContext):
 
 
 register_transform("bert.words_zero_types", _words_and_zero_types_to_hf, _words_and_zero_types_from_hf)
+
+
+def _fresh_lm_head(ts, ctx: MappingContext):
+    """A masked-LM head for a headless encoder (``BertModel``): dense normal(0, std) from seed 0, zero
+    biases, unit LayerNorm — as ``init_weights`` would start it."""
+    h, std = ctx.hidden_size, float(ctx.flag("init_std") or 0.02)
+    weight = torch.randn(h, h, generator=torch.Generator().manual_seed(0)) * std  # [hidden, hidden]
+    return [weight, torch.zeros(h), torch.ones(h), torch.zeros(h), torch.zeros(ctx.padded_vocab_size)]
+
+
+def _no_export(ts, ctx: MappingContext):
+    raise ValueError("a fresh head is created on import only")
+
+
+register_transform("bert.fresh_lm_head", _no_export, _fresh_lm_head)
 
 
 # ---------------------------------------------------------------------------- tables
@@ -118,6 +136,17 @@ BERT_TABLE = TemplateTable(_common_rules() + _POST_LN_NORMS, ignore_hf=_IGNORE)
 MEGATRON_BERT_TABLE = TemplateTable(_common_rules() + _PRE_LN_NORMS, ignore_hf=_IGNORE)
 
 
+def _headless_table(pre: bool) -> TemplateTable:
+    """``BertModel`` / ``MegatronBertModel`` (no ``bert.`` prefix, no heads): the encoder, plus a
+    fresh masked-LM head; the pooler is not read (megaforge keeps one only with the pair head)."""
+    rules = [Rule(tuple(n.removeprefix("bert.") for n in r.hf), r.ours, r.transform, r.when, r.layers)
+             for r in _encoder_rules() + (_PRE_LN_NORMS if pre else _POST_LN_NORMS)]
+    head = rule([], ["lm_head.dense.weight", "lm_head.dense.bias", "lm_head.norm.weight", "lm_head.norm.bias",
+                     "lm_head.bias"], "bert.fresh_lm_head")
+    return TemplateTable(rules + [head], ignore_hf=["embeddings.position_ids", "embeddings.token_type_ids",
+                                                    "pooler.dense.weight", "pooler.dense.bias"])
+
+
 def _task_table(pre: bool, pooler: bool) -> TemplateTable:
     """``*For{Token,Sequence}Classification``: the encoder, the pooler (sequence tasks) and ``classifier``."""
     return TemplateTable(_encoder_rules() + (_PRE_LN_NORMS if pre else _POST_LN_NORMS)
@@ -171,8 +200,8 @@ def _config_to_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict:
 def _has_binary_head(names: frozenset[str], model_type: str) -> bool:
     if not any(n.startswith("cls.predictions.") for n in names):
         kind = "MegatronBertModel" if model_type == "megatron-bert" else "BertModel"
-        raise CheckpointError(f"the checkpoint has no masked-LM head (cls.predictions.*), as a {kind} has; "
-                              "megaforge imports *ForPreTraining and *ForMaskedLM checkpoints")
+        raise CheckpointError(f"the checkpoint has no masked-LM head (cls.predictions.*) but bert.* names; megaforge "
+                              f"imports *ForPreTraining, *ForMaskedLM and headless {kind} checkpoints")
     return "cls.seq_relationship.weight" in names
 
 
@@ -259,6 +288,24 @@ def select_target(cfg: ModelConfig) -> HFTarget:
     return BERT_PRETRAINING if cfg.bert_binary_head else BERT_MASKED_LM
 
 
+def _headless_target(pre: bool) -> HFTarget:
+    model_type, name = ("megatron-bert", "MegatronBertModel") if pre else ("bert", "BertModel")
+    target = _target(model_type, name, _headless_table(pre), False)
+    return dataclasses.replace(target, task="encoder", config_from_checkpoint=lambda d, names: _config_from_hf(
+        d, model_type=model_type, binary_head=False))
+
+
+HEADLESS = {False: _headless_target(False), True: _headless_target(True)}
+
+
+def import_target(model_type: str, names: frozenset[str]) -> HFTarget | None:
+    """The headless target for a ``BertModel``/``MegatronBertModel`` folder (no ``bert.`` prefix, no
+    ``cls.`` heads), the form most encoders are published in; None for the *ForPreTraining/MaskedLM ones."""
+    if any(n.startswith(("bert.", "cls.")) for n in names):
+        return None
+    return HEADLESS[model_type == "megatron-bert"]
+
+
 #: (pre-LN, task.type) → the transformers task class a fine-tuned model exports to
 TASK_TARGETS = {(pre, t): _task_target(pre, t) for pre in (False, True)
                 for t in ("token_classification", "sequence_classification", "regression")}
@@ -273,11 +320,12 @@ def select_task_target(cfg: ModelConfig, task) -> HFTarget:
 def context(cfg: ModelConfig) -> MappingContext:
     return model_context(cfg, flags={"binary_head": cfg.bert_binary_head, "tokentypes": cfg.num_tokentypes > 0,
                                      "bias": cfg.add_bias_linear, "norm_bias": cfg.normalization == "LayerNorm",
-                                     "gated": False})
+                                     "gated": False, "init_std": cfg.init_method_std})
 
 
 ADAPTER = FamilyAdapter(
     family="bert",
     targets=(BERT_PRETRAINING, BERT_MASKED_LM, MEGATRON_BERT_PRETRAINING, MEGATRON_BERT_MASKED_LM),
     select=select_target, context=context, megatron_table=MEGATRON_TABLE, select_task=select_task_target,
+    import_target=import_target,
 )
