@@ -56,9 +56,9 @@ def validate_parallel(cfg: RunConfig, world_size: int) -> None:
     if p.sequence_parallel and m.seq_length % tp:
         raise ParallelConfigError(f"model.seq_length={m.seq_length} is not divisible by "
                                   f"parallel.tensor_model_parallel_size={tp} (needed by sequence_parallel)")
-    if cfg.task.type != "none" and (tp > 1 or pp > 1):
-        raise ParallelConfigError(f"fine-tuning (task.type={cfg.task.type}) runs with data parallelism only so far; "
-                                  f"set parallel.tensor_model_parallel_size=1 and pipeline_model_parallel_size=1")
+    if cfg.task.type != "none" and pp > 1:
+        raise ParallelConfigError(f"fine-tuning (task.type={cfg.task.type}) runs with tensor and data parallelism; "
+                                  f"set parallel.pipeline_model_parallel_size=1")
     if spec.validate_parallel is not None:
         spec.validate_parallel(cfg)
     if vpp > 1 and pp < 2:

@@ -68,6 +68,10 @@ def bert_tp_plan(model: nn.Module, *, sequence_parallel: bool) -> dict[str, Para
         plan["lm_head"] = ShardedParams({"bias": Shard(0)})  # after its children: only its own bias
     if model.pooler is not None:
         plan["pooler"] = ReplicatedParams(input_layout=act, desired_input_layout=Replicate())
+    if getattr(model, "classifier", None) is not None:  # a task head (BertForTask): whole on every rank, on
+        # all positions (token classification: gathered under sequence parallelism) or on the pooler output
+        plan["classifier"] = ReplicatedParams(input_layout=act if model.pooler is None else Replicate(),
+                                              desired_input_layout=Replicate())
     if model.binary_head is not None:
         plan["binary_head"] = ReplicatedParams()
     return plan
