@@ -96,8 +96,12 @@ def _card_body(repo_id: str, info: ModelInfo, prov: dict | None, cfg: dict, corp
               f"({tr.get('micro_batch_size')} per micro-batch) |",
               f"| steps | {steps} of {tr.get('max_steps')}{tokens} |",
               f"| precision | {tr.get('precision')} |", f"| seed | {state.get('seed', tr.get('seed'))} |", ""]
-    data = _data_lines(m.get("family"), cfg.get("data") or {}, corpus, bool(m.get("bert_binary_head")))
-    lines += ["## Data", ""] + data + [""]
+    task = cfg.get("task") or {}
+    if task.get("type") not in (None, "none"):
+        lines += _task_lines(task, prov.get("evaluations") or {})
+    else:
+        data = _data_lines(m.get("family"), cfg.get("data") or {}, corpus, bool(m.get("bert_binary_head")))
+        lines += ["## Data", ""] + data + [""]
     layout = state.get("layout") or {}
     tp, pp, dp = (layout.get(k, 1) for k in ("tp", "pp", "dp"))
     extras = ["sequence parallel" if par.get("sequence_parallel") else None,
@@ -118,6 +122,35 @@ def _card_body(repo_id: str, info: ModelInfo, prov: dict | None, cfg: dict, corp
 
 
 _PAIR_TASKS = {"sop": "sentence-order", "nsp": "next-sentence"}  # data.bert_pair_task → card wording
+_TASK_WORDS = {"token_classification": "token classification (named-entity recognition)",
+               "sequence_classification": "sequence classification", "regression": "regression (a score per text pair)"}
+#: evaluate's flat metrics shown on the card, in this order
+_CARD_METRICS = ("f1_strict", "precision_strict", "recall_strict", "f1_lenient", "token_accuracy", "accuracy",
+                 "macro_f1", "pearson", "spearman")
+
+
+def _task_lines(task: dict, evaluations: dict) -> list[str]:
+    """The fine-tuning task, its labels and data, and ``megaforge evaluate``'s metrics per split."""
+    files = [f"{split} `{_short(task.get(f'{split}_file'))}`" for split in ("train", "valid", "test")
+             if task.get(f"{split}_file")]
+    labels = task.get("labels") or []
+    lines = ["## Task", "", f"Fine-tuned for {_TASK_WORDS.get(task['type'], task['type'])}"
+             + (f" on {', '.join(files)}" if files else "") + "."]
+    if labels:
+        lines += ["", "Labels: " + ", ".join(f"`{label}`" for label in labels) + "."]
+    lines.append("")
+    if evaluations:
+        splits = sorted(evaluations)
+        shown = [k for k in _CARD_METRICS if any(isinstance(evaluations[s].get(k), (int, float)) for s in splits)]
+        lines += ["## Evaluation", "", "Measured with `megaforge evaluate` (NER: entity-level, strict = exact span "
+                  "and type, lenient = overlap with the same type).", "",
+                  "| metric | " + " | ".join(splits) + " |", "| --- |" + " --- |" * len(splits)]
+        for k in shown:
+            values = [evaluations[s].get(k) for s in splits]
+            lines.append(f"| {k} | " + " | ".join(f"{v:.4f}" if isinstance(v, (int, float)) else "" for v in values)
+                         + " |")
+        lines.append("")
+    return lines
 
 
 def _data_lines(family: str | None, data: dict, corpus: str | None, binary_head: bool) -> list[str]:
@@ -157,7 +190,9 @@ def _metric_lines(last: dict | None, last_eval: dict | None) -> list[str]:
 def _how_to_load(repo_id: str, info: ModelInfo) -> list[str]:
     example = {"text-generation": 'pipe("The patient was")',
                "fill-mask": 'pipe(f"The patient was {pipe.tokenizer.mask_token} to the ward.")',
-               "text2text-generation": 'pipe("summarize: The patient was admitted with chest pain.")'}
+               "text2text-generation": 'pipe("summarize: The patient was admitted with chest pain.")',
+               "token-classification": 'pipe("The patient has type 2 diabetes and takes metformin.")',
+               "text-classification": 'pipe("The patient was admitted with chest pain.")'}
     lines = ["## How to load", "", "```python", f"from transformers import AutoTokenizer, {info.auto_class}",
              "", f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
              f'model = {info.auto_class}.from_pretrained("{repo_id}")']
@@ -166,7 +201,9 @@ def _how_to_load(repo_id: str, info: ModelInfo) -> list[str]:
         lines.append(f'mlm = AutoModelForMaskedLM.from_pretrained("{repo_id}")  # the masked-LM head alone')
     if info.pipeline_tag in example:
         lines += ["", "from transformers import pipeline", "",
-                  f'pipe = pipeline("{info.pipeline_tag}", model="{repo_id}")', example[info.pipeline_tag]]
+                  f'pipe = pipeline("{info.pipeline_tag}", model="{repo_id}"'
+                  + (', aggregation_strategy="first")' if info.pipeline_tag == "token-classification" else ")"),
+                  example[info.pipeline_tag]]
     return lines + ["```", ""]
 
 

@@ -220,6 +220,8 @@ def test_export_to_transformers_task_class_matches_predict(ner_run, tmp_path):
     (aggregation "first": the word's first sub-token decides, as megaforge trains and predicts)."""
     transformers = pytest.importorskip("transformers")
     _, run, _ = ner_run
+    if not (run / "eval_valid.json").is_file():  # (written by test_evaluate_beats_the_majority_baseline)
+        assert run_cli("evaluate", str(run)).returncode == 0
     hf = tmp_path / "hf"
     out = run_cli("convert", str(run / "checkpoints" / "best"), str(hf), "--to", "hf", "--verify")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -236,6 +238,14 @@ def test_export_to_transformers_task_class_matches_predict(ner_run, tmp_path):
     ner = transformers.pipeline("token-classification", model=str(hf), aggregation_strategy="first", device="cpu")
     theirs = [(e["start"], e["end"], e["entity_group"]) for e in ner(text)]
     assert theirs == ours
+    # the model card states the task, the labels and the evaluated metrics (eval_valid.json of the run)
+    card = run_cli("publish", str(hf), "tester/ner-tiny", "--dry-run")
+    assert card.returncode == 0, card.stderr[-2000:]
+    valid = json.loads((run / "eval_valid.json").read_text())
+    assert "Fine-tuned for token classification (named-entity recognition)" in card.stdout
+    assert "Labels: `O`, `B-Drug`, `I-Drug`." in card.stdout
+    assert f"| f1_strict | {valid['f1_strict']:.4f} |" in card.stdout
+    assert 'pipeline("token-classification"' in card.stdout
 
 
 def test_gatortron_base_ner_recipe_from_a_headless_megatron_bert_folder(tmp_path):

@@ -48,6 +48,17 @@ def last_metrics(run_dir: Path, up_to_step: int | None) -> tuple[dict | None, di
     return last, last_eval
 
 
+def evaluations(run_dir: Path) -> dict:
+    """``{split: metrics}`` from the run's ``eval_<split>.json`` files (``megaforge evaluate``)."""
+    out = {}
+    for path in sorted(Path(run_dir).glob("eval_*.json")):
+        try:
+            out[path.stem.removeprefix("eval_")] = json.loads(path.read_text())
+        except ValueError:
+            continue
+    return out
+
+
 def write_provenance(out: Path, run_dir: Path, step_dir: Path, cfg: RunConfig) -> Path:
     """Write ``out/megaforge.json`` describing the run ``run_dir`` at checkpoint ``step_dir``."""
     state = read_trainer_state(step_dir)
@@ -59,6 +70,7 @@ def write_provenance(out: Path, run_dir: Path, step_dir: Path, cfg: RunConfig) -
         "checkpoint": kept,
         "last_metrics": metrics,
         "last_eval": evaluation,
+        "evaluations": evaluations(run_dir),
         "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
     }
     path = Path(out) / PROVENANCE_FILE
