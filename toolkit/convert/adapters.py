@@ -20,10 +20,10 @@ def family_adapter(family: str) -> FamilyAdapter:
     return adapter
 
 
-def adapter_for_model_type(model_type: str, names: frozenset[str] = frozenset()) -> tuple[FamilyAdapter, HFTarget]:
-    """The family adapter and the target reading HF ``model_type`` (e.g. ``gpt2``, ``bert``) for a
-    checkpoint holding tensors ``names``: the adapter's ``import_target`` when it decides, else the
-    first target of the model_type (targets sharing a model_type share its table and config mapping)."""
+def adapter_for_model_type(model_type: str) -> tuple[FamilyAdapter, HFTarget]:
+    """The family adapter and the (first) target reading HF ``model_type`` (e.g. ``gpt2``, ``bert``);
+    targets sharing a model_type share its table and config mapping (``FamilyAdapter.import_target``
+    may then pick another once the checkpoint's tensor names are known)."""
     known = []
     for family in families():
         adapter = get_spec(family).hf_adapter
@@ -31,8 +31,7 @@ def adapter_for_model_type(model_type: str, names: frozenset[str] = frozenset())
             continue
         target = adapter.target(model_type)
         if target is not None:
-            chosen = adapter.import_target(model_type, frozenset(names)) if adapter.import_target else None
-            return adapter, chosen or target
+            return adapter, target
         known += [t.model_type for t in adapter.targets if t.model_type not in known]
     raise CheckpointError(f"Hugging Face model_type {model_type!r} is not supported (supported: {', '.join(known)})")
 

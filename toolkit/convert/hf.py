@@ -165,8 +165,10 @@ def import_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
     model_type = hf_config.get("model_type")
     if not model_type:
         raise CheckpointError(f"{folder / 'config.json'} has no model_type")
+    adapter, target = adapter_for_model_type(model_type)
     source: TensorSource = SafetensorsSource(folder)
-    adapter, target = adapter_for_model_type(model_type, frozenset(source.names()))
+    if adapter.import_target is not None:  # the tensors decide (BERT: a headless BertModel folder)
+        target = adapter.import_target(model_type, frozenset(source.names())) or target
     mcfg = target.import_config(hf_config, source.names())
     if target.tied_aliases:
         source = AliasedSource(source, target.tied_aliases)
