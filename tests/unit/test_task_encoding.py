@@ -47,7 +47,7 @@ def test_long_document_windows_label_every_word_once(tok):
     assert owned == list(range(120))  # each word owned by exactly one window
     assert sum(x != IGNORE for w in windows for x in w.labels) == 120
     # predicting the gold labels everywhere merges back to the gold tags
-    merged = merge_word_predictions(windows, [[max(x, 0) for x in w.labels] for w in windows], 1, [120])
+    merged = merge_word_predictions(windows, [[max(x, 0) for x in w.labels] for w in windows], [120])
     assert [labels.labels[i] for i in merged[0]] == tags
 
 

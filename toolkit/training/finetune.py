@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -95,8 +94,8 @@ def prepare(cfg: RunConfig, tokenizer) -> FinetuneData:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset: TaskDataset, *, batch_size: int, device: torch.device,
-            loss_context: Any = None) -> tuple[list, list]:
+def predict(model: nn.Module, dataset: TaskDataset, *, batch_size: int,
+            device: torch.device) -> tuple[list, list]:
     """Model outputs over ``dataset`` in order: per row the predicted ids [s] (token classification),
     the class id, or the score; and the matching confidences (softmax probability; None for scores)."""
     was_training = model.training
@@ -125,7 +124,7 @@ def metrics(task_type: str, dataset: TaskDataset, preds: list, labels: LabelSet 
     """The task's metrics of ``preds`` (from :func:`predict`) against the dataset's gold labels."""
     examples = dataset.encoded.examples
     if task_type == "token_classification":
-        words = merge_word_predictions(dataset.encoded.windows, preds, len(examples), [len(e.words) for e in examples])
+        words = merge_word_predictions(dataset.encoded.windows, preds, [len(e.words) for e in examples])
         pred_tags = [[labels.labels[i] for i in w] for w in words]
         return ner_metrics([e.tags for e in examples], pred_tags)
     if task_type == "sequence_classification":

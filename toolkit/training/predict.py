@@ -106,8 +106,8 @@ def predict_documents(model, cfg: RunConfig, tokenizer, texts: list[str], *, dev
     preds, conf = finetune.predict(model, dataset, batch_size=batch_size, device=torch.device(device))
     windows = dataset.encoded.windows
     n_words = [len(e.words) for e in examples]
-    ids = merge_word_predictions(windows, preds, len(examples), n_words)
-    probs = merge_word_predictions(windows, conf, len(examples), n_words)
+    ids = merge_word_predictions(windows, preds, n_words)
+    probs = merge_word_predictions(windows, conf, n_words)
     out = []
     for ex, word_ids, word_probs in zip(examples, ids, probs):
         tags = [labels.labels[i] for i in word_ids]

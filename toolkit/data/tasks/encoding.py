@@ -117,8 +117,7 @@ def _check_entities_fit(ex: NerExample, word_start: list[int], pieces: list[list
                             f"boundary; raise model.seq_length or task.stride")
 
 
-def merge_word_predictions(windows: list[Window], predictions: list[list], num_examples: int,
-                           num_words: list[int]) -> list[list]:
+def merge_word_predictions(windows: list[Window], predictions: list[list], num_words: list[int]) -> list[list]:
     """Per example, one value per word (a label id, a probability) taken at the word's first
     sub-token in the window that owns the word; ``predictions`` holds one value per window position."""
     out: list[list] = [[0] * n for n in num_words]
