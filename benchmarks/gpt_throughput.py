@@ -1,122 +1,425 @@
-"""Training throughput: megaforge's GPT vs. Hugging Face ``GPT2LMHeadModel``, same shape, same run.
+"""Training throughput: megaforge's real training step vs. Hugging Face ``GPT2LMHeadModel``, same run.
 
-Both models get the GPT-2 124M shape (12 layers, 768 hidden, 12 heads, vocab 50304), dropout 0,
-AdamW, the same random token batches; each precision is measured for both in the same process,
-alternating, and the script prints tokens/s, MFU and the ratio ours / Hugging Face.
+megaforge is driven through its trainer, not a hand-made loop: the run config comes from a recipe
+(``toolkit.config.load_config``, with the shape flags as overrides), the model from
+``toolkit.training.run.build_model_parts`` on a ``ParallelRuntime`` of one process, the optimizer
+from ``toolkit.optim.build_optimizer``, ``trainer.compile`` as ``megaforge train`` applies it, and
+every timed step is one ``Trainer.train_step`` call (LR schedule, autocast, forward/backward through
+the family objective, loss scaling, ``Trainer._optimizer_step``: clipping through the runtime, the
+AdamW step, ``zero_grad``, and the loss read back to the host). Hugging Face is a plain loop on the
+same batches: ``GPT2LMHeadModel`` (SDPA attention) of the same shape, the same loss function,
+autocast in the same precision, ``clip_grad_norm_(1.0)`` and AdamW with the same LR, betas, eps,
+weight decay and decay/no-decay grouping (``fused=True`` on CUDA, ``foreach`` on CPU). Both count
+the whole step: host-to-device copy of the batch, forward, backward, clipping, optimizer step.
 
-    python benchmarks/gpt_throughput.py                      # 124M shape, seq 512, batch 4, fp32 + bf16
-    python benchmarks/gpt_throughput.py --layers 2 --steps 2 --precisions fp32   # a quick look
+    python benchmarks/gpt_throughput.py --seq 512 --micro-batch 4 --precisions fp32 --steps 2  # CPU, 124M
+    python benchmarks/gpt_throughput.py --layers 2 --hidden 128 --heads 4 --seq 64 --vocab 512   # a quick look
+    python benchmarks/gpt_throughput.py --device cuda --recipe gpt-1.3b --modes eager,compiled   # GPU
+    bash benchmarks/gpu_check.sh                                                                # the GPU check
 
-FLOPs per token = 6·N + 12·L·h·s with N the parameters excluding position embeddings; MFU divides
-by the measured matmul peak of this machine (``toolkit.training.metrics.measured_matmul_peak``)
-unless ``--peak-tflops`` is given.
+Each (mode, precision) measures Hugging Face, then megaforge, in one process, one model in memory
+at a time, and prints a markdown row per model and a ratio row megaforge / Hugging Face: tokens/s,
+MFU, peak memory, s/step, the warm-up time (compilation included) and the loss of the first and
+last step. FLOPs per token = 6·N + 12·L·h·s with N the parameters excluding position embeddings
+(the same N for both: Hugging Face gets megaforge's padded vocabulary). MFU divides by the peak
+``toolkit.training.metrics.peak_flops`` gives the trainer (data sheet on known GPUs: 989 TFLOP/s
+dense bf16 on H100/H200; on CPU the measured matmul peak) unless ``--peak-tflops`` is given. Peak
+memory: ``torch.cuda.max_memory_allocated`` on CUDA, reset before each model is built; on CPU the
+growth of the process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) above its RSS
+before the model was built. Dropout is 0 unless ``--dropout`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
+import ctypes
+import gc
+import math
+import os
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from toolkit.config import ModelConfig, OptimConfig
+from toolkit.config import RunConfig, load_config, model_vocab_sizes
 from toolkit.models.common.loss import lm_cross_entropy
-from toolkit.models.gpt import GPTModel
-from toolkit.optim import build_optimizer
-from toolkit.training.metrics import flops_per_token, measured_matmul_peak
+from toolkit.optim import build_optimizer, param_groups
+from toolkit.parallel.runtime import setup as setup_runtime
+from toolkit.registry import get_spec
+from toolkit.training.metrics import flops_per_token, peak_flops
+from toolkit.training.run import _compiled_objective, build_model_parts, pick_device, setup_tokenizer
+from toolkit.training.trainer import PartOptimizers, Trainer
+
+GIB = 1024**3
+HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}  # GPT-2's own is gelu_new
 
 
-def build_ours(args) -> torch.nn.Module:
-    cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-                      seq_length=args.seq, max_position_embeddings=1024, vocab_size=args.vocab,
-                      activation="gelu_tanh", hidden_dropout=0.0, attention_dropout=0.0)
-    model = GPTModel(cfg)
-    model.init_weights(0)
-    return model
+# ---------------------------------------------------------------------------- config and batches
 
 
-def build_hf(args) -> torch.nn.Module:
+def run_config(args, precision: str, compiled: bool, run_dir: str) -> RunConfig:
+    """The recipe with the benchmark's shape, batch, precision and compile switch, as ``megaforge
+    train RECIPE key=value ...`` would build it (validated); nothing is saved or evaluated."""
+    over = [f"trainer.precision={precision}", f"trainer.device={args.device}", f"trainer.compile={compiled}",
+            f"trainer.run_dir={run_dir}", "trainer.eval_interval=0", "trainer.sample_prompt=null",
+            "checkpoint.save_interval=0", "checkpoint.resume=false", "logging.wandb.enabled=false",
+            "logging.progress_bar=false", "logging.plot=false",
+            f"model.hidden_dropout={args.dropout}", f"model.attention_dropout={args.dropout}"]
+    if args.peak_tflops:
+        over.append(f"logging.peak_tflops={args.peak_tflops}")
+    for flag, key in (("layers", "num_layers"), ("hidden", "hidden_size"), ("heads", "num_attention_heads"),
+                      ("vocab", "vocab_size"), ("seq", "seq_length")):
+        if getattr(args, flag) is not None:
+            over.append(f"model.{key}={getattr(args, flag)}")
+    if args.micro_batch is not None:  # one micro-batch per optimizer step, as the Hugging Face loop does
+        over += [f"trainer.micro_batch_size={args.micro_batch}", f"trainer.global_batch_size={args.micro_batch}"]
+    else:
+        base = load_config(args.recipe)
+        over.append(f"trainer.global_batch_size={base.trainer.micro_batch_size}")
+    if args.seq is not None:
+        base = load_config(args.recipe)
+        if (base.model.max_position_embeddings or base.model.seq_length) < args.seq:
+            over.append(f"model.max_position_embeddings={args.seq}")
+    cfg = load_config(args.recipe, over)
+    if cfg.model.vocab_size is None:
+        setup_tokenizer(cfg)  # the recipe's tokenizer fixes the vocabulary, as in `megaforge train`
+    return cfg
+
+
+def check_gpt2_shape(cfg: RunConfig) -> None:
+    m = cfg.model
+    problems = []
+    if m.family != "gpt":
+        problems.append(f"model.family={m.family}")
+    if m.position_embedding_type != "learned_absolute":
+        problems.append(f"position_embedding_type={m.position_embedding_type}")
+    if m.normalization != "LayerNorm" or m.layernorm_position != "pre":
+        problems.append(f"normalization={m.normalization}/{m.layernorm_position}")
+    if m.activation not in HF_ACTIVATION:
+        problems.append(f"activation={m.activation}")
+    if not m.add_bias_linear or not m.share_embeddings_and_output_weights:
+        problems.append("no biases or untied head")
+    if (m.num_query_groups or m.num_attention_heads) != m.num_attention_heads:
+        problems.append(f"num_query_groups={m.num_query_groups}")
+    if m.kv_channels and m.kv_channels * m.num_attention_heads != m.hidden_size:
+        problems.append(f"kv_channels={m.kv_channels}")
+    if problems:
+        sys.exit(f"gpt_throughput: recipe has no GPT2LMHeadModel equivalent ({', '.join(problems)}); "
+                 "use a GPT-2-shaped recipe (gpt-tiny, gpt2-124m, gpt2-350m, gpt-1.3b)")
+
+
+def make_batches(cfg: RunConfig, n: int, device: torch.device) -> list[torch.Tensor]:
+    """``n`` random windows [micro_batch, seq + 1] on the host (pinned on CUDA, as the trainer's
+    DataLoader gives them); each step copies its batch to the device."""
+    gen = torch.Generator().manual_seed(1)
+    shape = (cfg.trainer.micro_batch_size, cfg.model.seq_length + 1)
+    out = [torch.randint(0, cfg.model.vocab_size, shape, generator=gen) for _ in range(n)]
+    return [b.pin_memory() for b in out] if device.type == "cuda" else out
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def _proc_kib(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Peak memory of what runs inside: CUDA ``max_memory_allocated`` above what was allocated at the
+    start; on CPU the peak RSS (``VmHWM``, reset at the start) above the RSS at the start."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base = 0
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back so RSS starts low
+        with contextlib.suppress(OSError):
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # reset VmHWM to the current RSS
+        self.base = _proc_kib("VmRSS") * 1024
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() - self.base
+        return _proc_kib("VmHWM") * 1024 - self.base
+
+
+def release(device: torch.device) -> None:
+    torch._dynamo.reset()  # compiled graphs hold the model they were traced from
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------- the two step functions
+
+
+@dataclass
+class Result:
+    model: str
+    step_s: float = math.nan
+    warmup_s: float = math.nan
+    peak_bytes: int = 0
+    first_loss: float = math.nan
+    last_loss: float = math.nan
+    error: str = ""
+    n_params: int = 0  # megaforge: parameters without position embeddings
+    fpt: float = 0.0  # megaforge: training FLOPs per token
+    info: str = ""  # a note printed under the table
+
+
+def timed(device, warmup_batches, timed_batches, step) -> tuple[float, float, list[float]]:
+    """Run ``step(batch) -> loss`` over the warm-up batches, then the timed ones; (warm-up s, s/step, losses).
+    CUDA is synchronised before and after each region; a loss is read back only where the step itself
+    does so (megaforge's ``train_step`` returns a float every step)."""
+    losses = []
+    sync(device)
+    start = time.perf_counter()
+    for x in warmup_batches:
+        losses.append(step(x))
+    sync(device)
+    warm = time.perf_counter() - start
+    start = time.perf_counter()
+    for x in timed_batches:
+        losses.append(step(x))
+    sync(device)
+    per_step = (time.perf_counter() - start) / len(timed_batches)
+    return warm, per_step, [float(v) for v in losses]
+
+
+def run_megaforge(cfg: RunConfig, batches, warmup: int, run_dir: str) -> Result:
+    """Build the run as ``toolkit.training.run._train`` does (one process: a world of size 1) and time
+    ``Trainer.train_step``."""
+    spec = get_spec(cfg.model.family)
+    runtime = setup_runtime(cfg, pick_device(cfg.trainer.device))
+    parts, pipeline, n_params = build_model_parts(cfg, runtime)
+    optimizers = PartOptimizers([build_optimizer(part, cfg.optim) for part in parts])
+    objective = spec.objective
+    if cfg.trainer.compile:  # the trainer.compile path of `megaforge train`
+        objective = _compiled_objective(objective, torch.compile(parts[0]))
+    fpt = flops_per_token(cfg.model, n_params)
+    trainer = Trainer(cfg=cfg, model_parts=parts, optimizers=optimizers, objective=objective, train_dataset=None,
+                      valid_dataset=None, runtime=runtime, run_dir=Path(run_dir), flops_per_token=fpt,
+                      tokens_per_sample=spec.tokens_per_sample(cfg), pipeline=pipeline)
+    for part in parts:
+        part.train()
+    assert trainer.num_microbatches == 1 and pipeline is None
+
+    def step(x: torch.Tensor) -> float:
+        loss, _grad_norm = trainer.train_step(iter([{"tokens": x}]))  # the trainer's own step
+        trainer.state.step += 1  # as Trainer.fit advances it (the LR schedule reads it)
+        trainer.state.consumed_samples += cfg.trainer.global_batch_size
+        return loss
+
+    warm, per_step, losses = timed(runtime.device, batches[:warmup], batches[warmup:], step)
+    runtime.close()
+    return Result("megaforge", per_step, warm, 0, losses[0], losses[-1], n_params=n_params, fpt=fpt)
+
+
+def build_hf(cfg: RunConfig, padded_vocab: int, device: torch.device, activation: str):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=args.vocab, n_positions=1024, n_embd=args.hidden, n_layer=args.layers,
-                     n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(cfg)
+    m = cfg.model
+    hf_cfg = GPT2Config(vocab_size=padded_vocab, n_positions=m.max_position_embeddings or m.seq_length,
+                        n_embd=m.hidden_size, n_layer=m.num_layers, n_head=m.num_attention_heads,
+                        n_inner=m.ffn_hidden_size, activation_function=activation,
+                        layer_norm_epsilon=m.layernorm_epsilon, initializer_range=m.init_method_std,
+                        resid_pdrop=m.hidden_dropout, embd_pdrop=m.hidden_dropout, attn_pdrop=m.attention_dropout,
+                        bos_token_id=min(50256, padded_vocab - 1), eos_token_id=min(50256, padded_vocab - 1),
+                        use_cache=False, attn_implementation="sdpa")
+    torch.manual_seed(cfg.trainer.seed)
+    with torch.device(device):
+        model = GPT2LMHeadModel(hf_cfg)
+    return model.float().train()
 
 
-def loss_ours(model, x):
-    return lm_cross_entropy(model(x[:, :-1]), x[:, 1:])
+def run_hf(cfg: RunConfig, batches, warmup: int, padded_vocab: int, activation: str) -> Result:
+    """A plain Hugging Face training loop with the trainer's optimizer settings and precision."""
+    device = pick_device(cfg.trainer.device)
+    model = build_hf(cfg, padded_vocab, device, activation)
+    o = cfg.optim
+    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
+                            eps=o.adam_eps, **extra)
+    fn = torch.compile(model) if cfg.trainer.compile else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.precision)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16")
 
-
-def loss_hf(model, x):
-    return lm_cross_entropy(model(input_ids=x[:, :-1]).logits, x[:, 1:])
-
-
-def autocast(precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
-
-
-def time_steps(model, loss_fn, batches, precision: str, compile_model: bool) -> list[float]:
-    opt = build_optimizer(model, OptimConfig(lr=1e-4, weight_decay=0.1))
-    fn = torch.compile(model) if compile_model else model
-    times = []
-    for x in batches:
-        start = time.perf_counter()
-        with autocast(precision):
-            loss = loss_fn(fn, x)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+    def step(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device, non_blocking=True)
+        with autocast:
+            logits = fn(input_ids=x[:, :-1], use_cache=False).logits
+            loss = lm_cross_entropy(logits, x[:, 1:])
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, o.clip_grad)
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return times[1:]  # first step is warm-up
+        return loss.detach()
+
+    warm, per_step, losses = timed(device, batches[:warmup], batches[warmup:], step)
+    info = (f"huggingface: attention implementation {model.config._attn_implementation}, "
+            f"parameters {next(model.parameters()).dtype}")
+    return Result("huggingface", per_step, warm, 0, losses[0], losses[-1], info=info)
+
+
+def measure(name: str, device: torch.device, fn, *fn_args) -> Result:
+    """``fn(*fn_args)``, one model's measurement, with its peak memory; a failure (e.g. out of memory)
+    becomes a row."""
+    mem = PeakMemory(device)
+    mem.start()
+    try:
+        result = fn(*fn_args)
+    except Exception as e:  # noqa: BLE001 - reported as a row, the next one still runs
+        msg = (str(e).strip().splitlines() or [""])[0][:160]
+        result = Result(name, error=f"{type(e).__name__}: {msg}")
+    result.peak_bytes = mem.peak()
+    release(device)
+    return result
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def header_lines(args, cfg: RunConfig, device: torch.device, padded_vocab: int) -> list[str]:
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel  # noqa: F401 - load the lazy modules before any measurement
+
+    m, t = cfg.model, cfg.trainer
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"CPU, {torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}")
+    mem = ("torch.cuda.max_memory_allocated, reset before each model" if device.type == "cuda"
+           else "growth of peak RSS (VmHWM) above the RSS before the model was built")
+    return [
+        f"recipe {args.recipe}: {m.num_layers} layers, {m.hidden_size} hidden, {m.num_attention_heads} heads, "
+        f"vocab {m.vocab_size} (padded {padded_vocab}), seq {m.seq_length}, micro-batch {t.micro_batch_size} "
+        f"(one micro-batch per step), dropout {m.hidden_dropout}/{m.attention_dropout}",
+        f"device {where}; torch {torch.__version__}, transformers {transformers.__version__}",
+        f"steps: {args.warmup} warm-up + {args.steps} timed per model and row; batches identical for both",
+        "megaforge: Trainer.train_step (toolkit/training/trainer.py) on the run built as `megaforge train` does; "
+        "AdamW from toolkit.optim (foreach); trainer.compile → torch.compile of the model (run.py)",
+        f"huggingface: GPT2LMHeadModel (sdpa, {args.hf_activation}), plain loop, AdamW "
+        f"({'fused' if device.type == 'cuda' else 'foreach'}), clip_grad_norm_ {cfg.optim.clip_grad}",
+        f"peak memory: {mem}",
+    ]
+
+
+TABLE_HEAD = ("| device | precision | mode | model | micro-batch × seq | tokens/s | MFU | peak memory | s/step "
+              "| warm-up s | loss first → last |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def row(device: str, precision: str, mode: str, shape: str, r: Result, tokens: int, fpt: float, peak: float) -> str:
+    label = {"huggingface": "Hugging Face `GPT2LMHeadModel`", "megaforge": "megaforge `Trainer.train_step`"}[r.model]
+    if r.error:
+        return f"| {device} | {precision} | {mode} | {label} | {shape} | failed: {r.error} | | | | | |"
+    tps = tokens / r.step_s
+    return (f"| {device} | {precision} | {mode} | {label} | {shape} | {tps:,.1f} | {100 * fpt * tps / peak:.1f}% "
+            f"| {r.peak_bytes / GIB:.2f} GiB | {r.step_s:.3f} | {r.warmup_s:.1f} "
+            f"| {r.first_loss:.3f} → {r.last_loss:.3f} |")
+
+
+def ratio_row(device: str, precision: str, mode: str, shape: str, hf: Result, ours: Result) -> str:
+    if hf.error or ours.error:
+        return f"| {device} | {precision} | {mode} | **ratio megaforge / HF** | {shape} | n/a | | | | | |"
+    mem = f"{ours.peak_bytes / hf.peak_bytes:.2f}×" if hf.peak_bytes > 0 else ""
+    return (f"| {device} | {precision} | {mode} | **ratio megaforge / HF** | {shape} | **{hf.step_s / ours.step_s:.2f}×** "
+            f"| | {mem} | | | |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=50304)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per model and precision (+1 warm-up)")
-    p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--recipe", default="gpt2-124m", help="a GPT-2-shaped recipe name or YAML (default gpt2-124m)")
+    p.add_argument("--layers", type=int, default=None, help="override model.num_layers")
+    p.add_argument("--hidden", type=int, default=None, help="override model.hidden_size")
+    p.add_argument("--heads", type=int, default=None, help="override model.num_attention_heads")
+    p.add_argument("--vocab", type=int, default=None, help="override model.vocab_size (before padding)")
+    p.add_argument("--seq", type=int, default=None, help="override model.seq_length")
+    p.add_argument("--micro-batch", "--batch", dest="micro_batch", type=int, default=None,
+                   help="samples per step (default: the recipe's trainer.micro_batch_size)")
+    p.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout of both models")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per model and row")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation happens here)")
+    p.add_argument("--precisions", default=None, help="comma-separated fp32,bf16,fp16 (default: cpu fp32,bf16; cuda bf16)")
+    p.add_argument("--modes", default=None, help="comma-separated eager,compiled (default eager)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (same as --modes compiled)")
+    p.add_argument("--hf-activation", default=None,
+                   help="GPT2Config.activation_function (default: GPT-2's gelu_new for gelu_tanh)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak; default: measured matmul")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device peak for MFU; default: data sheet on known GPUs, measured matmul on CPU")
     args = p.parse_args()
+    if args.compile and args.modes:
+        p.error("give --compile or --modes, not both")
+    modes = ["compiled"] if args.compile else (args.modes or "eager").split(",")
+    if any(m not in ("eager", "compiled") for m in modes):
+        p.error(f"--modes: eager and/or compiled, got {args.modes}")
+    precisions = (args.precisions or ("bf16" if args.device == "cuda" else "fp32,bf16")).split(",")
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    ours, hf = build_ours(args), build_hf(args)
-    n_ours = ours.num_parameters(exclude_positions=True)
-    n_hf = sum(p.numel() for p in hf.parameters()) - hf.transformer.wpe.weight.numel()
-    cfg = ours.cfg
-    fpt = flops_per_token(cfg, n_ours)
-    tokens = args.batch * args.seq
-    print(f"shape: {args.layers} layers, {args.hidden} hidden, {args.heads} heads, vocab {args.vocab}, "
-          f"seq {args.seq}, batch {args.batch}; parameters (no positions) ours {n_ours:,} HF {n_hf:,}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, compile={args.compile}")
-    print(f"{'precision':<10}{'model':<12}{'tokens/s':>12}{'MFU':>9}{'step s':>10}")
-    for precision in args.precisions.split(","):
-        peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_matmul_peak("cpu", precision)
-        gen = torch.Generator().manual_seed(1)
-        batches = [torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=gen)
-                   for _ in range(args.steps + 1)]
-        result = {}
-        for name, model, fn in (("huggingface", hf, loss_hf), ("megaforge", ours, loss_ours)):
-            step = statistics.median(time_steps(model, fn, batches, precision, args.compile))
-            result[name] = tokens / step
-            print(f"{precision:<10}{name:<12}{tokens / step:>12.1f}{100 * fpt * tokens / step / peak:>8.1f}%"
-                  f"{step:>10.2f}")
-        print(f"{precision:<10}{'ratio':<12}{result['megaforge'] / result['huggingface']:>11.2f}x"
-              f"   (megaforge / huggingface; matmul peak {peak / 1e9:.0f} GFLOP/s)")
+    shm = "/dev/shm" if args.device == "cuda" and os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(prefix="mf-bench-", dir=shm) as tmp:
+        cfg0 = run_config(args, precisions[0], False, tmp)
+        check_gpt2_shape(cfg0)
+        device = pick_device(args.device)
+        _, padded_vocab = model_vocab_sizes(cfg0.model)
+        args.hf_activation = args.hf_activation or HF_ACTIVATION[cfg0.model.activation]
+        for line in header_lines(args, cfg0, device, padded_vocab):
+            print(line)
+        print(flush=True)
+        print(TABLE_HEAD, flush=True)
+        tokens = cfg0.trainer.micro_batch_size * cfg0.model.seq_length
+        shape = f"{cfg0.trainer.micro_batch_size} × {cfg0.model.seq_length}"
+        notes = []
+        for mode in modes:
+            for precision in precisions:
+                cfg = run_config(args, precision, mode == "compiled", tmp)
+                batches = make_batches(cfg, args.warmup + args.steps, device)
+                peak = peak_flops(device, precision, args.peak_tflops)
+                hf = measure("huggingface", device, run_hf, cfg, batches, args.warmup, padded_vocab, args.hf_activation)
+                ours = measure("megaforge", device, run_megaforge, cfg, batches, args.warmup, tmp)
+                n, fpt = ours.n_params, ours.fpt
+                if ours.error:  # the FLOPs from the model on meta
+                    with torch.device("meta"):
+                        n = get_spec(cfg.model.family).build(cfg.model).num_parameters(exclude_positions=True)
+                    fpt = flops_per_token(cfg.model, n)
+                for r in (hf, ours):
+                    print(row(args.device, precision, mode, shape, r, tokens, fpt, peak), flush=True)
+                print(ratio_row(args.device, precision, mode, shape, hf, ours), flush=True)
+                notes += [r.info for r in (hf, ours) if r.info]
+                notes.append(f"{mode} {precision}: MFU against {peak / 1e12:.3g} TFLOP/s; "
+                             f"N = {n:,} parameters without positions, {fpt / 1e9:.3f} GFLOP/token")
+        print()
+        for line in dict.fromkeys(notes):
+            print(line)
 
 
 if __name__ == "__main__":
