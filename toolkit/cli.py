@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from toolkit.errors import MegaforgeError
+from toolkit.errors import ConfigError, MegaforgeError
 
 
 def _cmd_recipes(args) -> int:
@@ -45,12 +45,26 @@ def _cmd_train(args) -> int:
     return 0
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _device(name: str) -> str:
+    """``--device`` → ``cpu`` or ``cuda`` (``auto``: a GPU when one is visible)."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but no CUDA device is visible; use --device cpu (or auto)")
+    return name
+
+
 def _cmd_evaluate(args) -> int:
     import json
 
     from toolkit.training.predict import evaluate_run
 
-    result = evaluate_run(args.run_dir, split=args.split, data=args.data, device=args.device)
+    result = evaluate_run(args.run_dir, split=args.split, data=args.data, device=_device(args.device))
     print(json.dumps({k: v for k, v in result.items() if k not in ("per_type",)}, indent=2))
     return 0
 
@@ -58,7 +72,7 @@ def _cmd_evaluate(args) -> int:
 def _cmd_predict(args) -> int:
     from toolkit.training.predict import predict_run
 
-    out = predict_run(args.run_dir, args.input, args.output, device=args.device)
+    out = predict_run(args.run_dir, args.input, args.output, device=_device(args.device))
     print(f"written: {out}")
     return 0
 
@@ -67,7 +81,7 @@ def _cmd_generate(args) -> int:
     from toolkit.checkpoint import load_megaforge_model
     from toolkit.generation import generate_text
 
-    model, _, tokenizer = load_megaforge_model(args.run_dir, device=args.device)
+    model, _, tokenizer = load_megaforge_model(args.run_dir, device=_device(args.device))
     text = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(args.prompt + text)
@@ -174,14 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir", help="run directory of a fine-tuning run")
     s.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="split (default valid)")
     s.add_argument("--data", default=None, help="evaluate on this file instead of the run's task.<split>_file")
-    s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    s.add_argument("--device", default="auto", choices=DEVICES, help="auto (a GPU when one is visible), cpu or cuda")
     s.set_defaults(func=_cmd_evaluate)
 
     s = command("predict", help="run a fine-tuned model over text: entities with character offsets (jsonl or BRAT)")
     s.add_argument("run_dir", help="run directory of a fine-tuning run")
     s.add_argument("--input", required=True, help=".txt file, .jsonl file with a 'text' key, or a folder of .txt files")
     s.add_argument("--output", required=True, help="output .jsonl file, or a folder for BRAT .txt/.ann files")
-    s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    s.add_argument("--device", default="auto", choices=DEVICES, help="auto (a GPU when one is visible), cpu or cuda")
     s.set_defaults(func=_cmd_predict)
 
     s = command("generate", help="continue a prompt with a trained run's latest checkpoint")
@@ -192,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     s.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    s.add_argument("--device", default="auto", choices=DEVICES, help="auto (a GPU when one is visible), cpu or cuda")
     s.set_defaults(func=_cmd_generate)
 
     s = command("preprocess", help="tokenize jsonl/text into an indexed dataset (PREFIX.bin/.idx)")
