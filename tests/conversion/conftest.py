@@ -57,7 +57,10 @@ def perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.n
 HF_CLASSES = {"gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM", "bert": "BertForPreTraining",
               "bert-mlm": "BertForMaskedLM", "megatron-bert": "MegatronBertForPreTraining",
               "megatron-bert-mlm": "MegatronBertForMaskedLM", "bert-headless": "BertModel",
-              "megatron-bert-headless": "MegatronBertModel", "t5": "T5ForConditionalGeneration",
+              "megatron-bert-headless": "MegatronBertModel", "bert-token": "BertForTokenClassification",
+              "megatron-bert-token": "MegatronBertForTokenClassification",
+              "bert-sequence": "BertForSequenceClassification",
+              "megatron-bert-sequence": "MegatronBertForSequenceClassification", "t5": "T5ForConditionalGeneration",
               "t5-v1_1": "T5ForConditionalGeneration"}
 
 

@@ -235,3 +235,45 @@ def test_headless_encoder_imports_with_a_fresh_mlm_head(kind, tmp_path, capsys):
     assert diff < 1e-4
     assert torch.equal(ours.lm_head.bias, torch.zeros_like(ours.lm_head.bias))
     assert torch.equal(ours.lm_head.norm.weight, torch.ones_like(ours.lm_head.norm.weight))
+
+
+TASK_IMPORTS = {  # transformers class (conftest kind), config.json labels → our task section
+    "bert-token": (dict(id2label={0: "O", 1: "B-Drug", 2: "I-Drug"}), "token_classification", ["O", "B-Drug", "I-Drug"]),
+    "megatron-bert-token": (dict(id2label={0: "O", 1: "B-X", 2: "I-X"}), "token_classification", ["O", "B-X", "I-X"]),
+    "bert-sequence": (dict(id2label={0: "neg", 1: "pos", 2: "neutral"}), "sequence_classification", ["neg", "pos", "neutral"]),
+    "megatron-bert-sequence": (dict(num_labels=1, problem_type="regression"), "regression", []),
+}
+
+
+@pytest.mark.parametrize("kind", list(TASK_IMPORTS))
+def test_fine_tuned_task_models_import_with_head_and_labels(kind, tmp_path, capsys):
+    """*ForTokenClassification / *ForSequenceClassification (a model someone fine-tuned) import with
+    the task head and labels, in id order, and give transformers' logits (``--verify`` and here)."""
+    kw, task_type, labels = TASK_IMPORTS[kind]
+    theirs = save_hf_model(kind, tmp_path / "hf", **kw)
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "mf"), "--to", "megaforge", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "verification passed" in out and f"fine-tuned {task_type} model" in out
+    ours, cfg, _ = load_megaforge_model(tmp_path / "mf")
+    assert cfg.task.type == task_type and list(cfg.task.labels) == labels
+    assert cfg.model.layernorm_position == ("pre" if kind.startswith("megatron") else "post")
+    ids = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(ids), theirs(input_ids=ids).logits
+    assert a.shape == b.squeeze(-1).shape if task_type == "regression" else a.shape == b.shape
+    assert (a - b.reshape(a.shape)).abs().max().item() < TOL
+    # and back: the export is the same transformers class with the same labels
+    assert main(["convert", str(tmp_path / "mf"), str(tmp_path / "hf2"), "--to", "hf"]) == 0
+    config = json.loads((tmp_path / "hf2" / "config.json").read_text())
+    assert config["architectures"] == [type(theirs).__name__]
+    assert config["id2label"] == {str(k): v for k, v in theirs.config.id2label.items()}
+
+
+def test_task_import_with_bad_id2label_is_one_line_error(tmp_path):
+    save_hf_model("bert-token", tmp_path / "hf", id2label={0: "O", 1: "B-X", 2: "I-X"})
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["id2label"] = {"0": "O", "2": "B-X", "3": "I-X"}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="id2label must name labels 0..n-1") as e:
+        import_hf(tmp_path / "hf", tmp_path / "mf")
+    assert "\n" not in str(e.value)

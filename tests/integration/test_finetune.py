@@ -284,3 +284,50 @@ def test_gatortron_base_ner_recipe_from_a_headless_megatron_bert_folder(tmp_path
     with torch.no_grad():  # two steps at lr 1e-12: the encoder is GatorTron-like's own
         diff = (tuned.encode(ids) - encoder(input_ids=ids).last_hidden_state).abs().max().item()
     assert diff < 1e-4
+
+
+def test_init_from_a_fine_tuned_transformers_model_continues_its_head(tmp_path):
+    """checkpoint.init_from a BertForTokenClassification folder: its labels are taken over and its
+    classifier loads with the encoder (continued fine-tuning); other labels train a fresh classifier;
+    a training label the source lacks is one line, exit 2."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from toolkit.checkpoint import load_megaforge_model
+    from toolkit.tokenization import load_tokenizer
+    from toolkit.tokenization.export import export_tokenizer
+
+    tok = load_tokenizer("english-wordpiece")
+    labels = ["O", "B-Drug", "I-Drug"]
+    config = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, id2label=dict(enumerate(labels)))
+    torch.manual_seed(0)
+    theirs = transformers.BertForTokenClassification(config).eval()
+    hf = tmp_path / "hf-ner"
+    theirs.save_pretrained(hf)
+    export_tokenizer(tok, hf, model_max_length=64, tokenizer_class="BertTokenizer")
+    train = conll(tmp_path / "train.conll", 40, 0)
+    common = [*TINY, f"task.train_file={train}", "task.valid_file=null", "task.test_file=null", "trainer.max_steps=1",
+              "optim.lr=1e-12", "optim.lr_warmup_steps=0", f"checkpoint.init_from={hf}"]
+    out = run_cli("finetune", "bert-tiny-ncbi-disease", *common, f"trainer.run_dir={tmp_path / 'continued'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "continuing the source's token_classification head with its labels: O, B-Drug, I-Drug" in out.stdout
+    assert "initialized fresh" not in out.stdout
+    tuned, cfg, _ = load_megaforge_model(tmp_path / "continued")
+    assert list(cfg.task.labels) == labels
+    assert torch.allclose(tuned.classifier.weight, theirs.classifier.weight, atol=1e-6)
+    assert torch.allclose(tuned.classifier.bias, theirs.classifier.bias, atol=1e-6)
+    # another label set: the encoder loads, the classifier starts fresh
+    out = run_cli("finetune", "bert-tiny-ncbi-disease", *common, "task.labels=[O,B-Drug,I-Drug,B-Dose,I-Dose]",
+                  f"trainer.run_dir={tmp_path / 'relabelled'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "initialized fresh (not in the source): classifier.bias, classifier.weight" in out.stdout
+    # training data with a label the source's head does not have
+    dose = tmp_path / "dose.conll"
+    dose.write_text(train.read_text() + "take\tO\n5\tB-Dose\nmg\tI-Dose\n\n")
+    out = run_cli("finetune", "bert-tiny-ncbi-disease", *common, f"task.train_file={dose}",
+                  f"trainer.run_dir={tmp_path / 'bad'}")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert f"{dose}:" in out.stderr and "'B-Dose' is not in task.labels" in out.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()

@@ -176,18 +176,19 @@ class CheckpointManager:
     # ---- loading -------------------------------------------------------------------------
     def load(self, path: Path, model: nn.Module | Sequence[nn.Module],
              optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
-             *, process_group=None, partial: bool = False) -> dict:
+             *, process_group=None, partial: bool = False, skip: Sequence[str] = ()) -> dict:
         """Load model (and optimizer) state in place from ``path``; returns its trainer state.
 
         ``partial``: load the model tensors the checkpoint has and leave the others as they are (a
-        fine-tuning head on a pretrained encoder); their names are returned under ``"not_loaded"``.
+        fine-tuning head on a pretrained encoder), and also those whose names start with a prefix in
+        ``skip`` (a fine-tuned head for another task); their names are returned under ``"not_loaded"``.
         """
         trainer_state = read_trainer_state(path)
         state = app_state(model, optimizer)
         not_loaded: list[str] = []
         if partial:
             saved = saved_tensor_shapes(path)
-            not_loaded = sorted(k for k in state["model"] if f"model.{k}" not in saved)
+            not_loaded = sorted(k for k in state["model"] if f"model.{k}" not in saved or k.startswith(tuple(skip)))
             for k in not_loaded:
                 del state["model"][k]
         # a layout with another tp pads the vocabulary differently: load those tensors re-padded

@@ -63,6 +63,27 @@ def export_target(cfg: RunConfig) -> HFTarget:
     return adapter.select_task(cfg.model, cfg.task)
 
 
+def task_from_hf(hf_config: dict, task_type: str, *, where: str) -> TaskConfig | None:
+    """The ``task`` section of an imported Hugging Face task model (``task_type`` from its target:
+    token_classification, sequence_classification, regression; anything else → None): labels in id
+    order from ``id2label``, the inverse of :func:`task_config`."""
+    if task_type not in ("token_classification", "sequence_classification", "regression"):
+        return None
+    if task_type == "regression":
+        return TaskConfig(type=task_type)
+    id2label = hf_config.get("id2label") or {}
+    try:
+        ids = sorted(int(i) for i in id2label)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{where}: id2label keys must be integers, got {sorted(id2label)[:5]}") from None
+    if ids != list(range(len(ids))) or len(ids) < 2:
+        raise CheckpointError(f"{where}: id2label must name labels 0..n-1 (n >= 2), got ids {ids[:10]}")
+    labels = [str(id2label.get(str(i), id2label.get(i))) for i in ids]
+    if len(set(labels)) != len(labels):
+        raise CheckpointError(f"{where}: id2label names a label twice: {labels}")
+    return TaskConfig(type=task_type, labels=labels)
+
+
 def task_config(task: TaskConfig) -> dict:
     """config.json keys of a task head: labels (``id2label``/``label2id``) and, for sequence tasks,
     ``problem_type``; empty for a pretraining run."""

@@ -34,6 +34,7 @@ from toolkit.convert.adapters import (
     family_adapter,
     padded_context,
     task_config,
+    task_from_hf,
 )
 from toolkit.convert.megaforge_folder import expected_shapes, write_megaforge_folder
 from toolkit.convert.provenance import write_provenance
@@ -167,12 +168,13 @@ def import_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
         raise CheckpointError(f"{folder / 'config.json'} has no model_type")
     adapter, target = adapter_for_model_type(model_type)
     source: TensorSource = SafetensorsSource(folder)
-    if adapter.import_target is not None:  # the tensors decide (BERT: a headless BertModel folder)
-        target = adapter.import_target(model_type, frozenset(source.names())) or target
+    if adapter.import_target is not None:  # the tensors decide (BERT: a headless BertModel folder, a task model)
+        target = adapter.import_target(model_type, frozenset(source.names()), hf_config) or target
     mcfg = target.import_config(hf_config, source.names())
+    task = task_from_hf(hf_config, target.task, where=str(folder / "config.json"))
     if target.tied_aliases:
         source = AliasedSource(source, target.tied_aliases)
-    architecture = architecture_of(adapter, mcfg, target)
+    architecture = target.architecture if task is not None else architecture_of(adapter, mcfg, target)
     tok = _import_tokenizer(folder, tokenizer)
     ctx = padded_context(adapter, mcfg, tensor_parallel_size)
     steps = target.table.plan("from_hf", source.names(), ctx, where=str(folder))
@@ -180,8 +182,12 @@ def import_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
     out = write_megaforge_folder(out, mcfg, steps, source, ctx, tokenizer=tok, dtype=dtype, trainer_state=state,
                                  where=str(folder), name=Path(str(src)).name,
                                  description=f"imported from {src} ({architecture})",
-                                 tensor_parallel_size=tensor_parallel_size)
+                                 tensor_parallel_size=tensor_parallel_size, task=task)
     logger.info(f"imported {src} ({architecture}) → {out}")
+    if task is not None:
+        labels = f" with labels {', '.join(task.labels)}" if task.labels else ""
+        logger.info(f"note: {src} is a fine-tuned {task.type} model{labels}; `megaforge finetune ... "
+                    f"checkpoint.init_from={src}` continues from it, its head{' and labels' if labels else ''} included")
     if target.task == "encoder":
         logger.info(f"note: {src} is a headless {target.architecture} (no masked-LM head): lm_head.* initialized "
                     "fresh; a fine-tune replaces it with its task head anyway")

@@ -11,6 +11,11 @@ megaforge``) into the cache (``$MEGAFORGE_CACHE/init_from/<key>``; a file lock m
 * its weights, loaded before the first step through the same resharding load as a resume, so any
   parallel layout works. Optimizer state, step and data position start fresh.
 
+A fine-tune from a model fine-tuned for the same task type (a megaforge fine-tuning run, or an
+imported ``*ForTokenClassification`` / ``*ForSequenceClassification``) continues it: the labels are
+taken over (unless ``task.labels`` is set) and the task head loads with the encoder. A head for
+another task type, or other labels, starts fresh (:func:`adopt_source_task`).
+
 A run directory that already has a checkpoint resumes from it instead (``init_from`` only seeds a
 new run).
 """
@@ -85,3 +90,28 @@ def adopt_source_config(cfg: RunConfig, source_dir: Path) -> list[str]:
         cfg.tokenizer.path = str((source_dir / "tokenizer").resolve())
         cfg.tokenizer.type = src.tokenizer.type
     return changed
+
+
+def adopt_source_task(cfg: RunConfig, source_dir: Path) -> bool:
+    """For a fine-tune (``task.type`` set) whose source was fine-tuned too: take over its labels when
+    ``task.labels`` is unset. Returns whether the source's task head must be left out of the load
+    (another task type, or other labels); the encoder loads either way."""
+    if cfg.task.type == "none":
+        return False
+    src = load_config(str(source_dir / "config.yaml")).task
+    if src.type == "none":  # a pretrained or headless encoder: there is no head to take
+        return False
+    if src.type != cfg.task.type:
+        logger.info(f"init_from: the source was fine-tuned for {src.type}; the {cfg.task.type} head starts fresh")
+        return True
+    if src.type == "regression":
+        return False
+    if not cfg.task.labels:
+        cfg.task.labels = list(src.labels)
+        logger.info(f"init_from: continuing the source's {src.type} head with its labels: {', '.join(src.labels)}")
+        return False
+    if list(cfg.task.labels) == list(src.labels):
+        return False
+    logger.info(f"init_from: task.labels ({', '.join(cfg.task.labels)}) differ from the source's "
+                f"({', '.join(src.labels)}); the task head starts fresh")
+    return True

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from toolkit.config import ModelConfig, ParallelConfig, RunConfig, save_config, validate
+from toolkit.config import ModelConfig, ParallelConfig, RunConfig, TaskConfig, save_config, validate
 from toolkit.convert.streaming import StepCache, TensorSource, parse_dtype, plan_metas, write_dcp_checkpoint
 from toolkit.errors import CheckpointError, MegaforgeError
 from toolkit.mapping.tables import MappingContext, Step
@@ -27,14 +27,17 @@ def expected_shapes(cfg: ModelConfig, tensor_parallel_size: int = 1, *, task=Non
 def write_megaforge_folder(out: str | Path, mcfg: ModelConfig, steps: list[Step], source: TensorSource,
                            ctx: MappingContext, *, tokenizer, dtype: str | torch.dtype | None, trainer_state: dict,
                            where: str, name: str = "imported", description: str = "",
-                           tensor_parallel_size: int = 1) -> Path:
+                           tensor_parallel_size: int = 1, task: TaskConfig | None = None) -> Path:
     """Write ``out/config.yaml``, ``out/tokenizer/`` and ``out/checkpoints/step_0`` (+ ``latest``),
     producing our tensors from ``source`` through ``steps`` one at a time. ``ctx.padded_vocab_size``
-    must be the padding for ``tensor_parallel_size``."""
+    must be the padding for ``tensor_parallel_size``. ``task``: the task head the tensors include (an
+    imported fine-tuned model), written as the folder's ``task`` section."""
     if tensor_parallel_size < 1:
         raise CheckpointError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
     cfg = RunConfig(name=name or "imported", description=description, model=mcfg,
                     parallel=ParallelConfig(tensor_model_parallel_size=tensor_parallel_size))
+    if task is not None:
+        cfg.task = task
     out = Path(out)
     if tokenizer is not None and tokenizer.vocab_size > mcfg.vocab_size:
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
@@ -44,7 +47,7 @@ def write_megaforge_folder(out: str | Path, mcfg: ModelConfig, steps: list[Step]
     except MegaforgeError as e:
         raise CheckpointError(f"{where}: its config is not a valid megaforge model: {e}") from None
     items = plan_metas(steps, source, ctx, dtype=parse_dtype(dtype), expected_src=None,
-                       expected_dst=expected_shapes(mcfg, tensor_parallel_size), where=where)
+                       expected_dst=expected_shapes(mcfg, tensor_parallel_size, task=task), where=where)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         tokenizer.save(out / "tokenizer")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from toolkit.checkpoint.run_dir import load_megaforge_model
-from toolkit.convert.adapters import export_target, family_adapter
+from toolkit.convert.adapters import export_target
 from toolkit.errors import CheckpointError
 
 PROBE_TEXTS = (
@@ -258,10 +258,11 @@ def verify_export(checkpoint: str | Path, hf_folder: str | Path, *, tolerance: f
 def verify_import(hf_folder: str | Path, megaforge_folder: str | Path, *, tolerance: float = 1e-4,
                   source_target=None) -> VerifyReport:
     """``transformers`` loading ``hf_folder`` vs our model loaded from the imported folder (as the class
-    our model exports to: e.g. ``BertForMaskedLM`` for a checkpoint without NSP head; a headless
+    our model exports to: e.g. ``BertForMaskedLM`` for a checkpoint without NSP head,
+    ``BertForTokenClassification`` for a fine-tuned one; a headless
     ``source_target`` — ``task="encoder"`` — compares the encoders' hidden states)."""
     model, cfg, tokenizer = load_megaforge_model(megaforge_folder)
-    target = family_adapter(cfg.model.family).select(cfg.model)
+    target = export_target(cfg)  # with a task head (an imported fine-tuned model): its task class
     if source_target is not None and source_target.task == "encoder":
         target = source_target
     theirs = _load_hf_model(Path(hf_folder), target.architecture)

@@ -338,9 +338,9 @@ class FamilyAdapter:
     megatron_table: TemplateTable | None = None  # canonical legacy Megatron-LM names ↔ ours (merged shards)
     #: (ModelConfig, TaskConfig) → the target a fine-tuned model (task head) exports to; None: no task export
     select_task: Callable[[Any, Any], HFTarget] | None = None
-    #: (model_type, checkpoint tensor names) → the target reading that checkpoint when the names decide it
-    #: (BERT: a headless BertModel folder); None → the first target of the model_type
-    import_target: Callable[[str, frozenset[str]], HFTarget | None] | None = None
+    #: (model_type, checkpoint tensor names, config.json) → the target reading that checkpoint when the
+    #: names decide it (BERT: a headless BertModel folder, a task model); None → the first target of the model_type
+    import_target: Callable[[str, frozenset[str], dict], HFTarget | None] | None = None
 
     def target(self, model_type: str) -> HFTarget | None:
         """The first target reading ``model_type`` (targets sharing a model_type share its table)."""

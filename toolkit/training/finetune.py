@@ -20,7 +20,7 @@ from toolkit.config import RunConfig
 from toolkit.data.tasks import LabelSet, read_examples, resolve_task_file
 from toolkit.data.tasks.datasets import EpochSampled, TaskDataset, ner_dataset, pair_dataset
 from toolkit.data.tasks.encoding import merge_word_predictions
-from toolkit.errors import ConfigError
+from toolkit.errors import ConfigError, DataError
 from toolkit.evaluation.metrics import classification_metrics, ner_metrics, regression_metrics
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,15 @@ def set_labels(cfg: RunConfig, train: list) -> LabelSet | None:
     if not cfg.task.labels:
         cfg.task.labels = list(found.labels)
     labels = LabelSet(tuple(cfg.task.labels))
-    check(labels, t, train)
+    def present(e) -> list[str]:
+        return list(e.tags) if t == "token_classification" else [str(e.label)]
+
+    missing = sorted({label for e in train for label in present(e)} - set(labels.labels))
+    if missing:  # task.labels was given, or taken over from a fine-tuned checkpoint.init_from
+        where = next(e.where for e in train if missing[0] in present(e))
+        raise DataError(f"{where}: label {missing[0]!r} is not in task.labels ({', '.join(labels.labels)}; set in the "
+                        "config or taken over from a fine-tuned checkpoint.init_from); list every label in "
+                        "task.labels (a label set other than the source's trains a fresh classifier)")
     return labels
 
 

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from toolkit.config import RunConfig, save_config, validate
-from toolkit.convert.init_from import adopt_source_config, resolve_init_from
+from toolkit.convert.init_from import adopt_source_config, adopt_source_task, resolve_init_from
 from toolkit.data.corpus import corpus_prefix
 from toolkit.errors import ConfigError
 from toolkit.generation import generate_text
@@ -104,8 +104,7 @@ def train(cfg: RunConfig) -> TrainResult:
     """Train ``cfg`` in this process, or as one rank of a ``torchrun`` job (resuming from the run
     directory's latest checkpoint)."""
     env = dist_env()
-    if cfg.checkpoint.init_from:
-        _resolve_init_from(cfg)
+    fresh_head = _resolve_init_from(cfg) if cfg.checkpoint.init_from else False
     validate_parallel(cfg, env.world_size)  # before any collective: a bad layout is one line, exit 2
     t = cfg.trainer
     if t.num_threads:
@@ -115,7 +114,7 @@ def train(cfg: RunConfig) -> TrainResult:
         torch.use_deterministic_algorithms(True)
     runtime = setup(cfg, pick_device(t.device, env.local_rank))  # a world of size 1 without torchrun
     try:
-        return _train(cfg, runtime)
+        return _train(cfg, runtime, fresh_head=fresh_head)
     except BaseException as e:
         if runtime.dims.world_size > 1:
             logger.error(f"megaforge: rank {runtime.rank} failed: {type(e).__name__}: "
@@ -125,16 +124,19 @@ def train(cfg: RunConfig) -> TrainResult:
         runtime.close()
 
 
-def _resolve_init_from(cfg: RunConfig) -> None:
-    """Import ``checkpoint.init_from`` if needed, take its architecture and tokenizer into ``cfg`` and
-    point ``checkpoint.init_from`` at the megaforge checkpoint the trainer loads."""
+def _resolve_init_from(cfg: RunConfig) -> bool:
+    """Import ``checkpoint.init_from`` if needed, take its architecture, tokenizer (and a fine-tuned
+    source's labels) into ``cfg`` and point ``checkpoint.init_from`` at the megaforge checkpoint the
+    trainer loads. Returns whether the source's task head is left out of the load."""
     spec = cfg.checkpoint.init_from
     source_dir, step = resolve_init_from(spec)
     changed = adopt_source_config(cfg, source_dir)
+    fresh_head = adopt_source_task(cfg, source_dir)
     validate(cfg)
     cfg.checkpoint.init_from = str(step)
     took = f"; its architecture replaces model.{{{', '.join(changed)}}}" if changed else ""
     logger.info(f"init_from: {spec} → {step} (tokenizer {cfg.tokenizer.path}){took}")
+    return fresh_head
 
 
 def build_model_parts(cfg: RunConfig, runtime: ParallelRuntime):
@@ -156,7 +158,7 @@ def build_model_parts(cfg: RunConfig, runtime: ParallelRuntime):
     return [model], None, n_params
 
 
-def _train(cfg: RunConfig, runtime: ParallelRuntime) -> TrainResult:
+def _train(cfg: RunConfig, runtime: ParallelRuntime, *, fresh_head: bool = False) -> TrainResult:
     t = cfg.trainer
     spec = get_spec(cfg.model.family)
     tokenizer = setup_tokenizer(cfg)
@@ -179,7 +181,7 @@ def _train(cfg: RunConfig, runtime: ParallelRuntime) -> TrainResult:
                       flops_per_token=flops_per_token(cfg.model, n_params),
                       tokens_per_sample=spec.tokens_per_sample(cfg), pipeline=pipeline,
                       evaluator=finetune.evaluator(cfg, task, runtime.device) if task else None,
-                      metric_for_best=finetune.main_metric(cfg) if task else None)
+                      metric_for_best=finetune.main_metric(cfg) if task else None, fresh_head=fresh_head)
     if runtime.is_logging_rank:
         where = (f"{runtime.dims.world_size} processes, layout {runtime.layout}" if runtime.dims.world_size > 1
                  else runtime.device)

@@ -104,6 +104,7 @@ class Trainer:
         pipeline: Pipeline | None = None,  # drives model_parts when pipeline_model_parallel_size > 1
         evaluator: Callable[[list[nn.Module]], dict] | None = None,  # validation metrics (fine-tuning)
         metric_for_best: str | None = None,  # with evaluator: the metric checkpoints/best follows
+        fresh_head: bool = False,  # init_from: leave the source's task head out (another task or label set)
     ):
         self.model_parts, self.optimizers, self.objective = list(model_parts), optimizers, objective
         self.train_dataset, self.valid_dataset = train_dataset, valid_dataset
@@ -122,6 +123,7 @@ class Trainer:
         self.evaluator, self.metric_for_best = evaluator, metric_for_best
         self.finetuning = cfg.task.type != "none"  # a task head on a pretrained encoder
         self.best: float | None = None  # best value of metric_for_best so far
+        self.fresh_head = fresh_head
 
     # ---- checkpoints ---------------------------------------------------------------------
     def resume(self) -> bool:
@@ -151,7 +153,8 @@ class Trainer:
             return
         source = Path(self.ckpt_cfg.init_from)
         # a fine-tune takes the encoder from a pretrained (or headless) model; its task head starts fresh
-        state = self.checkpoints.load(source, self.model_parts, None, partial=self.finetuning)
+        skip = tuple(p for part in self.model_parts for p in getattr(part, "HEAD_PREFIXES", ())) if self.fresh_head else ()
+        state = self.checkpoints.load(source, self.model_parts, None, partial=self.finetuning, skip=skip)
         if self.is_logging_rank:
             padded = f"; vocabulary padding re-laid in {len(state['repadded'])} tensors" if state.get("repadded") else ""
             fresh = state.get("not_loaded") or []

@@ -13,7 +13,9 @@ Which class: a model with the sentence-pair head (``bert_binary_head: true``) ex
 ``*ForPreTraining`` (pooler + ``cls.seq_relationship``); without it, to ``*ForMaskedLM``, which has
 neither, so no randomly initialized NSP head pretends to be trained. On import the tensors decide:
 ``cls.seq_relationship.*`` present → binary head on; absent → off (a pooler without it is unused by
-the MLM and is skipped). A checkpoint without ``cls.predictions.*`` (``BertModel``) is refused.
+the MLM and is skipped). A headless ``BertModel`` folder gets a fresh MLM head; a fine-tuned
+``*ForTokenClassification`` / ``*ForSequenceClassification`` (``classifier.*``) imports as a task
+model (:func:`import_target`). Any other checkpoint without ``cls.predictions.*`` is refused.
 
 Legacy Megatron-LM BERT (``language_model.embedding.*``, ``encoder.layers.N.*``, ``pooler``,
 ``lm_head``, ``binary_head``; see :mod:`toolkit.convert.megatron_legacy`) is one more table.
@@ -201,7 +203,8 @@ def _has_binary_head(names: frozenset[str], model_type: str) -> bool:
     if not any(n.startswith("cls.predictions.") for n in names):
         kind = "MegatronBertModel" if model_type == "megatron-bert" else "BertModel"
         raise CheckpointError(f"the checkpoint has no masked-LM head (cls.predictions.*) but bert.* names; megaforge "
-                              f"imports *ForPreTraining, *ForMaskedLM and headless {kind} checkpoints")
+                              f"imports *ForPreTraining, *ForMaskedLM, *For{{Token,Sequence}}Classification and headless {kind} "
+                              "checkpoints")
     return "cls.seq_relationship.weight" in names
 
 
@@ -252,13 +255,8 @@ def _task_target(pre: bool, task_type: str) -> HFTarget:
     model_type, name = ("megatron-bert", "MegatronBert") if pre else ("bert", "Bert")
     kind = "TokenClassification" if task_type == "token_classification" else "SequenceClassification"
     target = _target(model_type, f"{name}For{kind}", _task_table(pre, task_type != "token_classification"), False)
-    return dataclasses.replace(target, task=task_type, config_from_hf=_no_task_import,
-                               config_from_checkpoint=None)
-
-
-def _no_task_import(d: dict) -> ModelConfig:
-    raise CheckpointError("importing a Hugging Face task model (*ForTokenClassification / "
-                          "*ForSequenceClassification) is not supported yet; import its encoder")
+    return dataclasses.replace(target, task=task_type, config_from_checkpoint=lambda d, names: _config_from_hf(
+        d, model_type=model_type, binary_head=False))
 
 
 BERT_PRETRAINING = _target("bert", "BertForPreTraining", BERT_TABLE, True)
@@ -298,12 +296,22 @@ def _headless_target(pre: bool) -> HFTarget:
 HEADLESS = {False: _headless_target(False), True: _headless_target(True)}
 
 
-def import_target(model_type: str, names: frozenset[str]) -> HFTarget | None:
-    """The headless target for a ``BertModel``/``MegatronBertModel`` folder (no ``bert.`` prefix, no
-    ``cls.`` heads), the form most encoders are published in; None for the *ForPreTraining/MaskedLM ones."""
+def import_target(model_type: str, names: frozenset[str], hf_config: dict) -> HFTarget | None:
+    """The target the tensors (and, for a sequence head, ``problem_type``) say a folder holds: a
+    headless ``BertModel``/``MegatronBertModel`` (no ``bert.`` prefix, no ``cls.`` heads), the form
+    most encoders are published in; a ``*ForTokenClassification`` (``classifier`` on every token, no
+    pooler) or ``*ForSequenceClassification`` (pooler + ``classifier``; regression when
+    ``problem_type`` says so or it has one output); None for the *ForPreTraining/MaskedLM ones."""
+    pre = model_type == "megatron-bert"
+    if "classifier.weight" in names:
+        if "bert.pooler.dense.weight" not in names:
+            return TASK_TARGETS[(pre, "token_classification")]
+        regression = hf_config.get("problem_type") == "regression" or (
+            hf_config.get("problem_type") is None and len(hf_config.get("id2label") or {}) == 1)
+        return TASK_TARGETS[(pre, "regression" if regression else "sequence_classification")]
     if any(n.startswith(("bert.", "cls.")) for n in names):
         return None
-    return HEADLESS[model_type == "megatron-bert"]
+    return HEADLESS[pre]
 
 
 #: (pre-LN, task.type) → the transformers task class a fine-tuned model exports to

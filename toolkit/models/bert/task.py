@@ -25,6 +25,10 @@ TASK_TYPES = ("token_classification", "sequence_classification", "regression")
 class BertForTask(BertModel):
     """The encoder with one task head; ``forward`` returns the logits (regression: the scores)."""
 
+    #: parameter-name prefixes of the task head: left out when the starting model's head belongs to
+    #: another task or label set (the trainer's ``checkpoint.init_from`` load)
+    HEAD_PREFIXES = ("classifier.",)
+
     def __init__(self, cfg: ModelConfig, task: TaskConfig, *, tensor_parallel_size: int = 1):
         super().__init__(cfg, tensor_parallel_size=tensor_parallel_size)
         if task.type not in TASK_TYPES:
