@@ -167,8 +167,11 @@ def test_recipes_lists_finetuning_recipes_with_their_task():
     out = run_cli("recipes")
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()}
-    for name in ("bert-tiny-ncbi-disease", "gatortron-tiny-ncbi-disease"):
+    for name in ("bert-tiny-ncbi-disease", "gatortron-tiny-ncbi-disease", "gatortron-tiny-clinical-ner"):
         assert rows[name][1:3] == ["bert", "token_classification"]
+    for name in ("gatortron-tiny-clinical-note-type", "gatortron-tiny-clinical-nli"):
+        assert rows[name][1:3] == ["bert", "sequence_classification"]
+    assert rows["gatortron-tiny-clinical-sts"][1:3] == ["bert", "regression"]
     assert rows["bert-tiny"][2] == "pretrain"
 
 

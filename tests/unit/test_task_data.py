@@ -185,3 +185,38 @@ def test_shipped_ncbi_disease():
     assert [sum(len(spans(e.tags)) for e in split) for split in (train, valid, test)] == [5145, 787, 960]
     with pytest.raises(DataError, match="has splits train, valid, test"):
         resolve_task_file("ncbi-disease:dev")
+
+
+def _patients(rows) -> set[str]:
+    """Patient ids (``POP-000123``) named in the rows' clinosim ``source`` fields."""
+    import re
+
+    return {m for r in rows for m in re.findall(r"POP-\d+", r["source"])}
+
+
+def _rows(name: str, split: str) -> list[dict]:
+    with gzip.open(resolve_task_file(f"{name}:{split}"), "rt", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_shipped_clinical_tasks():
+    """The four synthetic clinical tasks (docs/finetuning.md): sizes, labels, formats as the readers
+    see them, and splits by patient (no patient in two splits)."""
+    ner = {s: read_examples(resolve_task_file(f"clinical-ner:{s}")) for s in ("train", "valid", "test")}
+    assert [len(ner[s]) for s in ("train", "valid", "test")] == [1000, 120, 240]
+    assert LabelSet.for_ner(ner["train"]).labels == ("O", "B-DRUG", "I-DRUG", "B-PROBLEM", "I-PROBLEM")
+    assert sum(len(spans(e.tags)) for e in ner["test"]) == 2728
+    assert max(len(e.text) for e in ner["train"]) > 2000  # whole notes: longer than one 128-token window
+    note_type = read_examples(resolve_task_file("clinical-note-type:train"))
+    assert len(LabelSet.for_classes(note_type)) == 9
+    for s in ("valid", "test"):
+        assert {e.label for e in read_examples(resolve_task_file(f"clinical-note-type:{s}"))} <= {e.label for e in note_type}
+    nli = read_examples(resolve_task_file("clinical-nli:train"))
+    assert LabelSet.for_classes(nli).labels == ("contradiction", "entailment", "neutral")
+    assert all(e.text_b for e in nli)
+    sts = read_examples(resolve_task_file("clinical-sts:test"), regression=True)
+    scores = [e.label for e in sts]
+    assert len(sts) == 600 and min(scores) == 0 and max(scores) == 5 and len(set(scores)) > 20
+    for name in ("clinical-ner", "clinical-note-type", "clinical-nli", "clinical-sts"):
+        train, valid, test = (_patients(_rows(name, s)) for s in ("train", "valid", "test"))
+        assert train and valid and test and not (train & valid or train & test or valid & test), name
