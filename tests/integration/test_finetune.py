@@ -54,6 +54,25 @@ def ner_run(tmp_path_factory):
     return root, run, out
 
 
+def save_tiny_hf_model(cls, tokenizer: str, folder: Path, **config_kw):
+    """A tiny random transformers BERT-family model of class ``cls`` with the shipped ``tokenizer``,
+    saved to ``folder`` as a published model would be; returns the model (eval)."""
+    import torch
+
+    from toolkit.tokenization import load_tokenizer
+    from toolkit.tokenization.export import export_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    config = cls.config_class(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0, **config_kw)
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    model.save_pretrained(folder)
+    export_tokenizer(tok, folder, model_max_length=64, tokenizer_class="BertTokenizer")
+    return model
+
+
 def test_finetune_validates_and_keeps_the_best(ner_run):
     root, run, out = ner_run
     assert "labels O, B-Drug, I-Drug" in out.stdout
@@ -259,18 +278,8 @@ def test_gatortron_base_ner_recipe_from_a_headless_megatron_bert_folder(tmp_path
     import torch
 
     from toolkit.checkpoint import load_megaforge_model
-    from toolkit.tokenization import load_tokenizer
-    from toolkit.tokenization.export import export_tokenizer
-
-    tok = load_tokenizer("clinical-wordpiece")
-    config = transformers.MegatronBertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
-                                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    encoder = transformers.MegatronBertModel(config).eval()
     hf = tmp_path / "gatortron-like"
-    encoder.save_pretrained(hf)
-    export_tokenizer(tok, hf, model_max_length=64, tokenizer_class="BertTokenizer")
+    encoder = save_tiny_hf_model(transformers.MegatronBertModel, "clinical-wordpiece", hf)
     train = conll(tmp_path / "train.conll", 40, 0)
     run = tmp_path / "run"
     out = run_cli("finetune", "gatortron-base-ner", f"checkpoint.init_from={hf}", f"task.train_file={train}",
@@ -282,8 +291,8 @@ def test_gatortron_base_ner_recipe_from_a_headless_megatron_bert_folder(tmp_path
     assert "lm_head.* initialized fresh" in out.stdout
     assert "initialized fresh (not in the source): classifier.bias, classifier.weight" in out.stdout
     tuned, cfg, _ = load_megaforge_model(run)
-    assert (cfg.model.hidden_size, cfg.model.layernorm_position, cfg.model.vocab_size) == (64, "pre", tok.vocab_size)
-    ids = torch.randint(0, tok.vocab_size, (2, 12))
+    assert (cfg.model.hidden_size, cfg.model.layernorm_position, cfg.model.vocab_size) == (64, "pre", encoder.config.vocab_size)
+    ids = torch.randint(0, encoder.config.vocab_size, (2, 12))
     with torch.no_grad():  # two steps at lr 1e-12: the encoder is GatorTron-like's own
         diff = (tuned.encode(ids) - encoder(input_ids=ids).last_hidden_state).abs().max().item()
     assert diff < 1e-4
@@ -297,19 +306,10 @@ def test_init_from_a_fine_tuned_transformers_model_continues_its_head(tmp_path):
     import torch
 
     from toolkit.checkpoint import load_megaforge_model
-    from toolkit.tokenization import load_tokenizer
-    from toolkit.tokenization.export import export_tokenizer
-
-    tok = load_tokenizer("english-wordpiece")
     labels = ["O", "B-Drug", "I-Drug"]
-    config = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0, id2label=dict(enumerate(labels)))
-    torch.manual_seed(0)
-    theirs = transformers.BertForTokenClassification(config).eval()
     hf = tmp_path / "hf-ner"
-    theirs.save_pretrained(hf)
-    export_tokenizer(tok, hf, model_max_length=64, tokenizer_class="BertTokenizer")
+    theirs = save_tiny_hf_model(transformers.BertForTokenClassification, "english-wordpiece", hf,
+                                id2label=dict(enumerate(labels)))
     train = conll(tmp_path / "train.conll", 40, 0)
     common = [*TINY, f"task.train_file={train}", "task.valid_file=null", "task.test_file=null", "trainer.max_steps=1",
               "optim.lr=1e-12", "optim.lr_warmup_steps=0", f"checkpoint.init_from={hf}"]
