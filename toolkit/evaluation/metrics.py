@@ -29,6 +29,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from toolkit.data.tasks.tags import spans
+
 TASKS = ("token_classification", "sequence_classification", "regression")
 
 
@@ -46,24 +48,9 @@ def entity_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
     entity, and otherwise (after ``O``, at the start, or after another type) starts a new one, as conlleval does.
     Raises ``ValueError`` on a tag that is not ``O``, ``B-<type>`` or ``I-<type>``.
     """
-    spans: list[tuple[str, int, int]] = []
-    current: str | None = None
-    start = 0
     for i, tag in enumerate(tags):
         _check_tag(tag, f"at token {i}")
-        if tag == "O":
-            prefix, etype = "O", None
-        else:
-            prefix, etype = tag[0], tag[2:]
-        continues = prefix == "I" and etype == current
-        if current is not None and not continues:
-            spans.append((current, start, i))
-            current = None
-        if etype is not None and not continues:
-            current, start = etype, i
-    if current is not None:
-        spans.append((current, start, len(tags)))
-    return spans
+    return spans(tags, "iob2")
 
 
 def _ratio(num: float, den: float) -> float:
