@@ -36,7 +36,7 @@ def open_text(path: str | Path) -> TextIO:
     return open(path, encoding="utf-8", newline=None)
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line without its newline), with decoding/gzip errors as DataError."""
     lineno = 0
     try:
@@ -44,14 +44,15 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             for lineno, line in enumerate(f, start=1):
                 yield lineno, line.rstrip("\n")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{lineno + 1}: not valid UTF-8 ({e.reason}); convert the file to UTF-8") from None
+        raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason}); convert the file to UTF-8") from None
     except (gzip.BadGzipFile, EOFError, OSError) as e:
         raise DataError(f"{path}:{lineno + 1}: cannot read file ({e}); the file may be corrupt or truncated") from None
 
 
-def read_jsonl(path: Path, json_key: str = "text") -> Iterator[str]:
-    """One JSON object per line; the document is ``obj[json_key]`` (a string). Blank lines are skipped."""
-    for lineno, line in _lines(path):
+def json_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) of each non-blank line of a jsonl file; a line that is not one
+    JSON object is a DataError naming it."""
+    for lineno, line in text_lines(path):
         if not line.strip():
             continue
         try:
@@ -62,6 +63,12 @@ def read_jsonl(path: Path, json_key: str = "text") -> Iterator[str]:
             ) from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
+def read_jsonl(path: Path, json_key: str = "text") -> Iterator[str]:
+    """One JSON object per line; the document is ``obj[json_key]`` (a string). Blank lines are skipped."""
+    for lineno, obj in json_objects(path):
         if json_key not in obj:
             keys = ", ".join(sorted(map(str, obj))[:10]) or "none"
             raise DataError(f"{path}:{lineno}: no key '{json_key}' (keys: {keys}); pass --json-key KEY")
@@ -80,7 +87,7 @@ def read_text(path: Path, json_key: str = "text") -> Iterator[str]:
     ``"\\n"``. A file without blank lines is a single document. ``json_key`` is ignored.
     """
     block: list[str] = []
-    for _, line in _lines(path):
+    for _, line in text_lines(path):
         if line.strip():
             block.append(line)
         elif block:

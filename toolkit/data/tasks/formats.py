@@ -26,13 +26,12 @@ A malformed input is a one-line :class:`~toolkit.errors.DataError` naming the fi
 from __future__ import annotations
 
 import csv
-import gzip
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from toolkit.data.readers import json_objects, open_text, text_lines
 from toolkit.data.tasks.tags import check_tag, detect_scheme, tags_from_spans, to_iob2
 from toolkit.errors import DataError
 
@@ -120,7 +119,7 @@ def _suffix(path: Path) -> str:
 
 
 def _first_line(path: Path) -> str:
-    for _, line in _lines(path):
+    for _, line in text_lines(path):
         if line.strip():
             return line
     raise DataError(f"{path} is empty")
@@ -130,25 +129,6 @@ def _first_json(path: Path) -> dict:
     for _, obj in json_lines(path):
         return obj
     raise DataError(f"{path} is empty")
-
-
-def _open(path: Path):
-    try:
-        if path.suffix == ".gz":
-            return gzip.open(path, "rt", encoding="utf-8")
-        return open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    number = 0
-    with _open(path) as fh:
-        try:
-            for number, line in enumerate(fh, 1):
-                yield number, line.rstrip("\n").rstrip("\r")
-        except UnicodeDecodeError:
-            raise DataError(f"{path}:{number + 1}: not UTF-8 text; convert it to UTF-8") from None
 
 
 def read_text(path: str | Path) -> str:
@@ -171,7 +151,7 @@ def read_conll(path: str | Path) -> list[NerExample]:
     words: list[str] = []
     tags: list[str] = []
     start = 0
-    for number, line in _lines(path):
+    for number, line in text_lines(path):
         if not line.strip():
             if words:
                 sentences.append(NerExample(words, tags, f"{path}:{start}"))
@@ -205,15 +185,7 @@ def _as_iob2(examples: list[NerExample]) -> list[NerExample]:
 
 def json_lines(path: Path) -> Iterator[tuple[str, dict]]:
     """``("file:line", object)`` of each non-empty line of a jsonl file."""
-    for number, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{number}: each line must be a JSON object")
+    for number, obj in json_objects(path):
         yield f"{path}:{number}", obj
 
 
@@ -258,7 +230,7 @@ def read_brat(folder: str | Path) -> list[NerExample]:
             raise DataError(f"{ann}: no {txt.name} beside it; BRAT data is NAME.txt + NAME.ann")
         text = read_text(txt)
         ents = []
-        for number, line in _lines(ann):
+        for number, line in text_lines(ann):
             if not line.startswith("T"):
                 continue
             parts = line.split("\t")
@@ -343,7 +315,7 @@ def read_table(path: str | Path, *, regression: bool = False) -> list[PairExampl
 
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
-    with _open(path) as fh:
+    with open_text(path) as fh:
         try:
             reader = csv.DictReader(fh, delimiter=delimiter)
             for row in reader:
