@@ -92,9 +92,9 @@ def _cmd_preprocess(args) -> int:
     from toolkit.data.preprocess import preprocess
 
     stats = preprocess(args.input, args.output_prefix, args.tokenizer, json_key=args.json_key, fmt=args.format,
-                       workers=args.workers)
-    print(f"wrote {args.output_prefix}.bin/.idx: {stats['documents']} documents, {stats['tokens']} tokens "
-          f"in {stats['seconds']:.1f}s")
+                       workers=args.workers, output_format=args.output_format)
+    print(f"wrote {args.output_prefix}.bin/.idx ({stats['format']} format): {stats['documents']} documents, "
+          f"{stats['tokens']} tokens in {stats['seconds']:.1f}s")
     return 0
 
 
@@ -210,13 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_generate)
 
     s = command("preprocess", help="tokenize jsonl/text into an indexed dataset (PREFIX.bin/.idx)")
-    s.add_argument("--input", required=True, nargs="+", help="input file(s): .jsonl, .jsonl.gz, .txt")
+    s.add_argument("--input", required=True, nargs="+",
+                   help="input file(s) (.jsonl, .txt, .parquet, MIMIC .csv; .gz too) or a datasets save_to_disk folder")
     s.add_argument("--output-prefix", required=True, help="output path without extension")
     s.add_argument("--tokenizer", default="english-bpe", help="tokenizer file/folder or shipped name")
     s.add_argument("--json-key", default="text", help="jsonl field holding the text (default text)")
     s.add_argument("--format", default="auto",
-                   help="input format: auto, jsonl, text, mimic3 (NOTEEVENTS.csv) or mimic4 (note CSVs)")
+                   help="input format: auto, jsonl, text, parquet, hf_datasets (a save_to_disk folder), mimic3 "
+                        "(NOTEEVENTS.csv) or mimic4 (note CSVs)")
     s.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default 1)")
+    s.add_argument("--output-format", default="megaforge", choices=["megaforge", "megatron"],
+                   help="index format: megaforge (default) or megatron (Megatron-LM/NeMo/GPT-NeoX MMIDIDX .bin/.idx)")
     s.set_defaults(func=_cmd_preprocess)
 
     s = command("tokenizer", help="tokenizer tools")

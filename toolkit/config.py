@@ -66,7 +66,7 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    data_prefix: List[Any] = field(default_factory=list)  # indexed-dataset prefixes, optionally weighted: [0.7, a, 0.3, b]
+    data_prefix: List[Any] = field(default_factory=list)  # dataset prefixes, optionally weighted: [0.7, a, 0.3, b] or "0.7 a 0.3 b"
     corpus: str = "english"  # shipped sample corpus used when data_prefix is empty: english | clinical
     splits_string: str = "969,30,1"  # train,valid,test proportions of documents
     index_cache_dir: Optional[str] = None  # where sample indices are cached; None → beside the data
@@ -286,6 +286,14 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def _split_blend_string(layer: DictConfig) -> None:
+    """``data.data_prefix`` given as one string, as Megatron-LM's ``--data-path`` takes it
+    (``"0.3 /data/a 0.7 /data/b"`` or ``"/data/a"``) → the list of its whitespace-separated items."""
+    data = layer.get("data")
+    if isinstance(data, DictConfig) and isinstance(data.get("data_prefix"), str):
+        data.data_prefix = data.data_prefix.split()
+
+
 def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
     """Build a validated :class:`RunConfig` from a recipe (name or YAML path) and overrides."""
     schema = OmegaConf.structured(RunConfig)
@@ -307,6 +315,7 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) ->
     merged = schema
     for item in layers[1:]:
         layer, where, lines = item
+        _split_blend_string(layer)
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from toolkit.data.indexed import IndexedDataset
+from toolkit.data.megatron_indexed import open_indexed
 from toolkit.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def build_blended_splits(data_prefix: Sequence[Any] | str, *, splits_string: str
     prefixes, weights = parse_data_prefix(data_prefix)
     if len(num_samples) != 3:
         raise ConfigError(f"num_samples must be (train, valid, test), got {num_samples!r}")
-    indexed = [IndexedDataset(p) for p in prefixes]
+    indexed = [open_indexed(p) for p in prefixes]
     splits = [split_documents(len(ds), splits_string) for ds in indexed]
     out: list[Any | None] = []
     for s, n in enumerate(num_samples):

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from toolkit.assets import corpora_dir, default_cache_dir
-from toolkit.data.indexed import IndexedDataset
+from toolkit.data.megatron_indexed import open_indexed
 from toolkit.errors import DataError
 from toolkit.tokenization.base import Tokenizer
 
@@ -71,7 +71,7 @@ def _ready(folder: Path, corpus_name: str, meta: dict) -> bool:
     if found != meta:
         return False
     try:
-        IndexedDataset(folder / corpus_name)
+        open_indexed(folder / corpus_name)
     except DataError as e:
         log.warning("cached corpus %s is unusable (%s); rebuilding", folder, e)
         return False

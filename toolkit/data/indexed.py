@@ -120,6 +120,25 @@ class IndexedDatasetWriter:
 
     def add_document(self, ids: np.ndarray | Sequence[int]) -> None:
         """Append one document's token ids (any integer array or list; cast to the writer dtype)."""
+        self._sizes.append(self._write(ids))
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray | Sequence[int]) -> None:
+        """Append several documents at once: ``tokens`` (1-D, all documents back to back) split by
+        ``lengths`` (one entry per document; zero-length entries add empty documents)."""
+        lengths = self._check_lengths(tokens, lengths)
+        self._write(tokens)
+        self._sizes.extend(lengths.astype(np.int32).tolist())
+
+    def _check_lengths(self, tokens, lengths) -> np.ndarray:
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != len(tokens) or (lengths.size and lengths.min() < 0):
+            raise DataError(f"{self.prefix}: document lengths sum to {int(lengths.sum())}, not {len(tokens)} tokens")
+        if lengths.size and lengths.max() > np.iinfo(np.int32).max:
+            raise DataError(f"{self.prefix}: a document exceeds the int32 length field")
+        return lengths
+
+    def _write(self, ids: np.ndarray | Sequence[int]) -> int:
+        """Append token ids to the data file (range-checked, cast to the writer dtype); their count."""
         if self._done:
             raise RuntimeError("add_document() after finalize()")
         arr = np.asarray(ids)
@@ -139,20 +158,8 @@ class IndexedDatasetWriter:
                     )
                 arr = arr.astype(self.dtype)
             self._bin.write(np.ascontiguousarray(arr).tobytes(order="C"))
-        self._sizes.append(int(arr.size))
         self._num_tokens += int(arr.size)
-
-    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray | Sequence[int]) -> None:
-        """Append several documents at once: ``tokens`` (1-D, all documents back to back) split by
-        ``lengths`` (one entry per document; zero-length entries add empty documents)."""
-        lengths = np.asarray(lengths, dtype=np.int64)
-        if int(lengths.sum()) != len(tokens) or (lengths.size and lengths.min() < 0):
-            raise DataError(f"{self.prefix}: document lengths sum to {int(lengths.sum())}, not {len(tokens)} tokens")
-        if lengths.size and lengths.max() > np.iinfo(np.int32).max:
-            raise DataError(f"{self.prefix}: a document exceeds the int32 length field")
-        self.add_document(tokens)  # writes the tokens and checks their range …
-        self._sizes.pop()  # … then records the real document boundaries instead of one document
-        self._sizes.extend(lengths.astype(np.int32).tolist())
+        return int(arr.size)
 
     def finalize(self) -> None:
         """Write the index, fsync both files and rename them to their final names."""
@@ -161,19 +168,8 @@ class IndexedDatasetWriter:
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
-        n = len(self._sizes)
         with open(self._idx_tmp, "wb") as f:
-            f.write(_HEADER.pack(MAGIC, VERSION, _CODE_OF[self.dtype], n, self._num_tokens, self.vocab_size))
-            sizes = np.frombuffer(self._sizes, dtype=np.int32) if n else np.zeros(0, np.int32)
-            f.write(sizes.astype("<i4", copy=False).tobytes())
-            f.write(b"\x00" * (_offsets_start(n) - HEADER_SIZE - 4 * n))
-            start = 0
-            chunk = 1 << 20  # offsets written in chunks: memory stays at 8 MiB whatever N
-            for i in range(0, n, chunk):
-                part = sizes[i:i + chunk].astype(np.int64)
-                offsets = np.cumsum(part) - part + start  # int64 [chunk]
-                start = int(offsets[-1] + part[-1])
-                f.write(offsets.astype("<i8", copy=False).tobytes())
+            self._write_index(f)
             f.flush()
             os.fsync(f.fileno())
         bin_path, idx_path = data_file_path(self.prefix), index_file_path(self.prefix)
@@ -182,6 +178,21 @@ class IndexedDatasetWriter:
         os.replace(self._bin_tmp, bin_path)
         os.replace(self._idx_tmp, idx_path)
         self._done = True
+
+    def _write_index(self, f) -> None:
+        """The .idx layout of the module docstring."""
+        n = len(self._sizes)
+        f.write(_HEADER.pack(MAGIC, VERSION, _CODE_OF[self.dtype], n, self._num_tokens, self.vocab_size))
+        sizes = np.frombuffer(self._sizes, dtype=np.int32) if n else np.zeros(0, np.int32)
+        f.write(sizes.astype("<i4", copy=False).tobytes())
+        f.write(b"\x00" * (_offsets_start(n) - HEADER_SIZE - 4 * n))
+        start = 0
+        chunk = 1 << 20  # offsets written in chunks: memory stays at 8 MiB whatever N
+        for i in range(0, n, chunk):
+            part = sizes[i:i + chunk].astype(np.int64)
+            offsets = np.cumsum(part) - part + start  # int64 [chunk]
+            start = int(offsets[-1] + part[-1])
+            f.write(offsets.astype("<i8", copy=False).tobytes())
 
     def abort(self) -> None:
         """Close and delete the temporary files (the final names are never touched)."""
@@ -200,6 +211,18 @@ class IndexedDatasetWriter:
             self.finalize()
         else:
             self.abort()
+
+
+def _existing_files(prefix: str) -> tuple[Path, Path]:
+    """(``PREFIX.idx``, ``PREFIX.bin``), or a one-line DataError naming the missing one."""
+    idx, bin_ = index_file_path(prefix), data_file_path(prefix)
+    for path in (idx, bin_):
+        if not path.is_file():
+            raise DataError(
+                f"{path}: indexed dataset file not found; check the data prefix or create it with "
+                "`megaforge preprocess --input FILE --output-prefix PREFIX`"
+            )
+    return idx, bin_
 
 
 def _memmap(path: Path, dtype: np.dtype, offset: int, count: int) -> np.ndarray:
@@ -225,20 +248,15 @@ class IndexedDataset:
         self._open()
 
     def _open(self) -> None:
-        idx, bin_ = index_file_path(self.prefix), data_file_path(self.prefix)
-        for path in (idx, bin_):
-            if not path.is_file():
-                raise DataError(
-                    f"{path}: indexed dataset file not found; check the data prefix or create it with "
-                    "`megaforge preprocess --input FILE --output-prefix PREFIX`"
-                )
+        idx, bin_ = _existing_files(self.prefix)
         idx_size = idx.stat().st_size
         if idx_size < HEADER_SIZE:
             raise DataError(f"{idx}: index truncated ({idx_size} bytes, header needs {HEADER_SIZE}); {_REBUILD}")
         with open(idx, "rb") as f:
             magic, version, code, n, tokens, vocab = _HEADER.unpack(f.read(HEADER_SIZE))
         if magic != MAGIC:
-            raise DataError(f"{idx}: not a megaforge index file (bad magic bytes {magic!r}); {_REBUILD}")
+            raise DataError(f"{idx}: neither a megaforge nor a Megatron-LM index file (bad magic bytes {magic!r}); "
+                            f"{_REBUILD}")
         if version != VERSION:
             raise DataError(
                 f"{idx}: unsupported index format version {version} (this megaforge reads {VERSION}); "

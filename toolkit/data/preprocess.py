@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from toolkit.data.indexed import IndexedDatasetWriter, best_dtype
+from toolkit.data.megatron_indexed import MegatronIndexedDatasetWriter
 from toolkit.data.readers import iter_documents
-from toolkit.errors import TokenizerError
+from toolkit.errors import DataError, TokenizerError
 from toolkit.tokenization.base import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,10 @@ def _worker_spec(tokenizer: Tokenizer | str | Path, tmp: list) -> Tokenizer | st
         return folder
 
 
+#: ``--output-format`` → the writer of that index format
+WRITERS = {"megaforge": IndexedDatasetWriter, "megatron": MegatronIndexedDatasetWriter}
+
+
 def preprocess(
     inputs: list[str | Path] | str | Path,
     output_prefix: str | Path,
@@ -137,11 +142,13 @@ def preprocess(
     append_eod: bool = True,
     progress: bool = True,
     mp_context: str = "spawn",
+    output_format: str = "megaforge",
 ) -> dict[str, Any]:
     """Tokenize ``inputs`` into ``OUTPUT_PREFIX.bin``/``.idx``.
 
     Args:
-        inputs: jsonl (``.jsonl``/``.jsonl.gz``) or text files, read in the order given.
+        inputs: jsonl, text, Parquet or MIMIC CSV files, or ``datasets`` save_to_disk folders, read in
+            the order given (:data:`toolkit.data.readers.READERS`).
         output_prefix: written as ``PREFIX.bin`` and ``PREFIX.idx`` (parent folders created).
         tokenizer: a :class:`Tokenizer`, or a path/name for ``toolkit.tokenization.load_tokenizer``.
         json_key: the field holding the text in jsonl records.
@@ -150,6 +157,8 @@ def preprocess(
         append_eod: append ``tokenizer.eod_id`` after every document.
         progress: show a tqdm bar (documents/s and tokens).
         mp_context: multiprocessing start method for the pool.
+        output_format: "megaforge" (the native index) or "megatron" (Megatron-LM's ``MMIDIDX`` index,
+            one sequence per document, which Megatron-LM, NeMo and GPT-NeoX read as they are).
 
     Returns:
         ``{"documents", "tokens", "seconds", "skipped", "prefix", "dtype"}``; ``tokens`` counts EODs.
@@ -176,7 +185,9 @@ def preprocess(
     batches = _batched(docs, BATCH_DOCUMENTS, skipped)
     tmp: list[str] = []
     pool = None
-    writer = IndexedDatasetWriter(output_prefix, dtype, vocab_size=tok.vocab_size)
+    if output_format not in WRITERS:
+        raise DataError(f"output format {output_format!r} is not one of {', '.join(WRITERS)}")
+    writer = WRITERS[output_format](output_prefix, dtype, vocab_size=tok.vocab_size)
     bar = tqdm(desc=f"preprocess {Path(output_prefix).name}", unit="doc", unit_scale=True, disable=not progress)
     try:
         if workers <= 1:
@@ -212,6 +223,7 @@ def preprocess(
         "skipped": skipped[0],
         "prefix": str(output_prefix),
         "dtype": str(dtype),
+        "format": output_format,
     }
     log.info("preprocessed %d documents (%d tokens, %d skipped) into %s.{bin,idx} in %.1fs",
              stats["documents"], stats["tokens"], stats["skipped"], output_prefix, stats["seconds"])
