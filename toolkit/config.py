@@ -154,11 +154,18 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    enabled: bool = False  # write the metrics.jsonl scalars as TensorBoard events (rank 0)
+    dir: Optional[str] = None  # event-file folder; None → RUN_DIR/tensorboard
+
+
+@dataclass
 class LoggingConfig:
     progress_bar: bool = True  # show a progress bar on rank 0
     plot: bool = True  # write loss.png at the end
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None → looked up for the device
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
 
 
 @dataclass

@@ -1,19 +1,23 @@
-"""Where metrics go: metrics.jsonl, Weights & Biases (offline by default), a progress bar, a loss plot.
+"""Where metrics go: metrics.jsonl, Weights & Biases (offline by default), TensorBoard (off by
+default), a progress bar, a loss plot.
 
-Only rank 0 logs; other ranks get :class:`NullLogger` objects from the trainer.
+Only the logging rank (rank 0) creates these loggers; the trainer gives other ranks none.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
 from toolkit.config import LoggingConfig
+from toolkit.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsFile:
@@ -51,6 +55,46 @@ class WandbLogger:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def tensorboard_dir(cfg: LoggingConfig, run_dir: Path) -> Path:
+    """Where the event files go: ``logging.tensorboard.dir`` or ``run_dir/tensorboard``."""
+    return Path(cfg.tensorboard.dir) if cfg.tensorboard.dir else run_dir / TENSORBOARD_DIR
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The values of a metrics record that are TensorBoard scalars: every finite int or float
+    except ``step`` (the x axis). Booleans, strings, None and NaN/inf values are left out."""
+    return {k: float(v) for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+class TensorBoardLogger:
+    """Writes each metrics record's scalars (:func:`scalars`) as ``add_scalar(key, value, step)`` under
+    the same keys as metrics.jsonl, to :func:`tensorboard_dir`.
+
+    Every record is flushed to disk as it is logged, as metrics.jsonl is, so a killed run's event file
+    holds everything its metrics.jsonl does. On resume the writer purges events from steps after the
+    resumed checkpoint (TensorBoard's ``purge_step``), mirroring :class:`MetricsFile`.
+    """
+
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, resume_step: int = 0):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("logging.tensorboard.enabled=true needs the tensorboard package: "
+                              "pip install tensorboard (or set logging.tensorboard.enabled=false)") from None
+        self.log_dir = tensorboard_dir(cfg, run_dir)
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, record: dict) -> None:
+        step = record["step"]
+        for key, value in scalars(record).items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def plot_losses(run_dir: Path) -> Path | None:

@@ -31,7 +31,7 @@ from toolkit.data.sampler import PretrainingSampler
 from toolkit.optim import lr_at, set_lr
 from toolkit.parallel.pipeline import Pipeline
 from toolkit.parallel.runtime import ParallelRuntime
-from toolkit.training.loggers import MetricsFile, WandbLogger, plot_losses
+from toolkit.training.loggers import MetricsFile, TensorBoardLogger, WandbLogger, plot_losses
 from toolkit.training.metrics import peak_flops
 from toolkit.training.precision import Precision
 
@@ -308,6 +308,8 @@ class Trainer:
         total_samples = cfg.max_steps * cfg.global_batch_size
         batches = iter(self._loader(self.train_dataset, self.state.consumed_samples, total_samples))
         metrics = MetricsFile(self.run_dir, self.state.step) if self.is_logging_rank else None
+        tensorboard = (TensorBoardLogger(self.log_cfg, self.run_dir, self.state.step)
+                       if self.is_logging_rank and self.log_cfg.tensorboard.enabled else None)
         wandb = (WandbLogger(self.log_cfg, self.run_dir, self.config_dict)
                  if self.is_logging_rank and self.log_cfg.wandb.enabled else None)
         peak = peak_flops(self.device, cfg.precision, self.log_cfg.peak_tflops)
@@ -347,6 +349,8 @@ class Trainer:
                 metrics.log(record)
                 if wandb:
                     wandb.log(record)
+                if tensorboard:
+                    tensorboard.log(record)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.1f}%",
                             refresh=False)
             bar.update(1)
@@ -367,4 +371,6 @@ class Trainer:
                 result.plot_path = plot_losses(self.run_dir)
         if wandb:
             wandb.close()
+        if tensorboard:
+            tensorboard.close()
         return result
