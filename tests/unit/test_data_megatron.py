@@ -41,6 +41,21 @@ def megatron_bytes(docs: list[list[list[int]]], dtype) -> tuple[bytes, bytes]:
     return data, idx
 
 
+def read_like_megatron(prefix: Path) -> list[list[list[int]]]:
+    """An independent reader written from the format description (as Megatron's _IndexReader reads):
+    documents as lists of sequences."""
+    idx = Path(f"{prefix}.idx").read_bytes()
+    assert idx[:9] == b"MMIDIDX\x00\x00" and struct.unpack_from("<Q", idx, 9)[0] == 1
+    dtype = {8: np.uint16, 4: np.int32}[idx[17]]
+    n_seq, n_doc = struct.unpack_from("<QQ", idx, 18)
+    lengths = struct.unpack_from(f"<{n_seq}i", idx, 34)
+    pointers = struct.unpack_from(f"<{n_seq}q", idx, 34 + 4 * n_seq)
+    doc_index = struct.unpack_from(f"<{n_doc}q", idx, 34 + 12 * n_seq)
+    data = Path(f"{prefix}.bin").read_bytes()
+    seqs = [np.frombuffer(data, dtype=dtype, count=n, offset=p).tolist() for n, p in zip(lengths, pointers)]
+    return [seqs[doc_index[d]:doc_index[d + 1]] for d in range(n_doc - 1)]
+
+
 def write_files(prefix: Path, data: bytes, idx: bytes) -> Path:
     Path(f"{prefix}.bin").write_bytes(data)
     Path(f"{prefix}.idx").write_bytes(idx)
@@ -73,6 +88,7 @@ def test_writer_writes_megatrons_bytes(tmp_path, dtype):
     data, idx = megatron_bytes(DOCS, dtype)
     assert (tmp_path / "w.bin").read_bytes() == data
     assert (tmp_path / "w.idx").read_bytes() == idx
+    assert read_like_megatron(tmp_path / "w") == DOCS
     # add_documents (what preprocess uses) gives one sequence per document
     with MegatronIndexedDatasetWriter(tmp_path / "b", dtype) as w:
         w.add_documents(np.array([5, 6, 7, 8]), [3, 1])
