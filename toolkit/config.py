@@ -133,7 +133,7 @@ class CheckpointConfig:
 
 @dataclass
 class TaskConfig:
-    type: str = "none"  # none (pretraining) | token_classification | sequence_classification | regression
+    type: str = "none"  # none (pretraining) | token_classification | sequence_classification | regression | sft
     train_file: Optional[str] = None  # training data: a file, a BRAT folder, or a shipped task NAME:SPLIT
     valid_file: Optional[str] = None  # validation data (metrics every trainer.eval_interval, checkpoints/best)
     test_file: Optional[str] = None  # test data (megaforge evaluate RUN --split test)
@@ -142,6 +142,7 @@ class TaskConfig:
     metric_for_best: Optional[str] = None  # validation metric kept best as checkpoints/best; None → the task's main one
     classifier_dropout: Optional[float] = None  # dropout before the task head; None → model.hidden_dropout
     labels: List[str] = field(default_factory=list)  # label names in id order; set from the training file
+    chat_template: Optional[str] = None  # sft: Jinja2 chat template (text or a file); None → the tokenizer's, else the default
 
 
 @dataclass
@@ -199,7 +200,7 @@ CHOICES = {  # model.family is checked against the registry (built-in families a
     "trainer.precision": ("fp32", "bf16", "fp16"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "logging.wandb.mode": ("offline", "online"),
-    "task.type": ("none", "token_classification", "sequence_classification", "regression"),
+    "task.type": ("none", "token_classification", "sequence_classification", "regression", "sft"),
 }
 
 
@@ -386,6 +387,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.task.type != "none" and spec.build_task is None:
         raise ConfigError(f"model.family={m.family} has no task heads (task.type={cfg.task.type}); fine-tune an "
                           f"encoder family")
+    if cfg.task.type != "none" and cfg.task.type not in spec.task_objectives:
+        raise ConfigError(f"model.family={m.family} fine-tunes for task.type {', '.join(spec.task_objectives)}, not "
+                          f"{cfg.task.type}")
     if spec.validate is not None:
         spec.validate(cfg)
 

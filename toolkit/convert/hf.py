@@ -49,6 +49,7 @@ from toolkit.convert.streaming import (
     write_safetensors,
 )
 from toolkit.convert.verify import verify_export, verify_import
+from toolkit.data.tasks.sft import chat_template
 from toolkit.errors import CheckpointError, first_line
 from toolkit.mapping.tables import HFTarget
 from toolkit.tokenization import load_tokenizer
@@ -89,6 +90,11 @@ def export_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
     stored = items[0][1].dtype if items else torch.float32
     tokenizer = load_run_tokenizer(run_dir)
     _write_hf_configs(out, target, mcfg, tokenizer, stored, extra=task_config(cfg.task))
+    if cfg.task.type == "sft" and tokenizer is not None:  # apply_chat_template then renders as training did
+        config_path = out / "tokenizer_config.json"
+        tok_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        tok_config["chat_template"] = chat_template(cfg, tokenizer)
+        config_path.write_text(json.dumps(tok_config, indent=2) + "\n")
     logger.info(f"exported {step_dir} → {out} ({target.architecture}, {len(items)} tensors, "
                 f"{_HF_DTYPE_NAMES[stored]})")
     if tokenizer is None:

@@ -110,6 +110,11 @@ class HFTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` and each token's ``(start, end)`` character span in it."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, list(enc.offsets)
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids if int(i) not in self._drop_on_decode], skip_special_tokens=True)
 

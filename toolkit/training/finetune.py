@@ -11,6 +11,7 @@ prediction of each word's first sub-token, from the window that owns it) against
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,13 +21,15 @@ from toolkit.config import RunConfig
 from toolkit.data.tasks import LabelSet, read_examples, resolve_task_file
 from toolkit.data.tasks.datasets import EpochSampled, TaskDataset, ner_dataset, pair_dataset
 from toolkit.data.tasks.encoding import merge_word_predictions
+from toolkit.data.tasks.sft import SftDataset, chat_template, encode_sft_examples, read_sft
 from toolkit.errors import ConfigError, DataError
 from toolkit.evaluation.metrics import classification_metrics, ner_metrics, regression_metrics
 
 logger = logging.getLogger(__name__)
 
 #: the validation metric ``checkpoints/best`` follows unless ``task.metric_for_best`` names another
-MAIN_METRIC = {"token_classification": "f1_strict", "sequence_classification": "accuracy", "regression": "pearson"}
+MAIN_METRIC = {"token_classification": "f1_strict", "sequence_classification": "accuracy", "regression": "pearson",
+               "sft": "loss"}
 
 
 def split_file(cfg: RunConfig, split: str) -> str | None:
@@ -40,7 +43,7 @@ def read_split(cfg: RunConfig, path: str) -> list:
 def set_labels(cfg: RunConfig, train: list) -> LabelSet | None:
     """The run's label set: ``task.labels`` if given, else discovered from ``train`` (and stored)."""
     t = cfg.task.type
-    if t == "regression":
+    if t in ("regression", "sft"):
         return None
     found = LabelSet.for_ner(train) if t == "token_classification" else LabelSet.for_classes(train)
     if not cfg.task.labels:
@@ -85,6 +88,8 @@ def prepare(cfg: RunConfig, tokenizer) -> FinetuneData:
     if not cfg.task.train_file:
         raise ConfigError(f"task.type={cfg.task.type} needs task.train_file (a file, a BRAT folder or a shipped "
                           "task such as ncbi-disease:train)")
+    if cfg.task.type == "sft":
+        return _prepare_sft(cfg, tokenizer)
     train = read_split(cfg, cfg.task.train_file)
     labels = set_labels(cfg, train)
     valid = None
@@ -141,10 +146,52 @@ def metrics(task_type: str, dataset: TaskDataset, preds: list, labels: LabelSet 
     return regression_metrics([float(e.label) for e in examples], preds)
 
 
+def _prepare_sft(cfg: RunConfig, tokenizer) -> FinetuneData:
+    template = chat_template(cfg, tokenizer)
+
+    def encode(path: str) -> SftDataset:
+        examples = read_sft(resolve_task_file(path))
+        return SftDataset(encode_sft_examples(examples, tokenizer, seq_length=cfg.model.seq_length, template=template))
+
+    train = encode(cfg.task.train_file)
+    valid = encode(cfg.task.valid_file) if cfg.task.valid_file else None
+    dropped = train.encoded.dropped + (valid.encoded.dropped if valid is not None else 0)
+    logger.info(f"fine-tuning for sft: {len(train)} training examples"
+                + (f", {len(valid)} validation examples" if valid is not None else "")
+                + (f"; {dropped} dropped: their answers do not fit model.seq_length={cfg.model.seq_length}" if dropped else ""))
+    t = cfg.trainer
+    return FinetuneData(train=EpochSampled(train, t.max_steps * t.global_batch_size, t.seed), valid=valid, labels=None)
+
+
+@torch.no_grad()
+def sft_loss(model: nn.Module, dataset: SftDataset, *, batch_size: int, device: torch.device) -> dict:
+    """Token-weighted masked next-token loss (and perplexity) of ``model`` over all of ``dataset``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            tokens = torch.stack([r["tokens"] for r in rows]).to(device)  # [b, s + 1]
+            mask = torch.stack([r["loss_mask"] for r in rows]).to(device)  # [b, s]
+            logits = model(tokens[:, :-1])  # [b, s, V]
+            logits = logits.full_tensor() if hasattr(logits, "full_tensor") else logits
+            losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(),
+                                                       reduction="none")  # [b·s]
+            total += float(losses[mask.flatten()].sum())
+            count += int(mask.sum())
+    finally:
+        model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "num_tokens": count}
+
+
 def evaluator(cfg: RunConfig, data: FinetuneData, device: torch.device):
     """``(model parts) -> {metric: value}`` on the validation set, for the trainer (None without one)."""
     if data.valid is None:
         return None
+    if cfg.task.type == "sft":
+        return lambda parts: sft_loss(parts[0], data.valid, batch_size=cfg.trainer.micro_batch_size, device=device)
 
     def run(parts: list[nn.Module]) -> dict:
         preds, _ = predict(parts[0], data.valid, batch_size=cfg.trainer.micro_batch_size, device=device)

@@ -24,6 +24,8 @@ from toolkit.data.tasks import Document, LabelSet, document_example, spans
 from toolkit.data.tasks.datasets import ner_dataset, pair_dataset
 from toolkit.data.tasks.encoding import merge_word_predictions
 from toolkit.data.tasks.formats import PairExample, json_lines, read_text
+from toolkit.data.tasks.sft import SftDataset, chat_template, encode_sft_examples, read_sft
+from toolkit.data.tasks.shipped import resolve_task_file
 from toolkit.errors import ConfigError, DataError
 from toolkit.training import finetune
 
@@ -54,12 +56,21 @@ def evaluate_run(run_dir: str | Path, *, split: str = "valid", data: str | None 
     path = data or finetune.split_file(cfg, split)
     if not path:
         raise ConfigError(f"the run has no task.{split}_file; pass --data FILE")
+    if cfg.task.type == "sft":  # the masked next-token loss on the split's answers
+        dataset = SftDataset(encode_sft_examples(read_sft(resolve_task_file(path)), tokenizer,
+                                                 seq_length=cfg.model.seq_length, template=chat_template(cfg, tokenizer)))
+        return _write_eval(run_dir, split, path, src, finetune.sft_loss(model, dataset, batch_size=batch_size,
+                                                                         device=torch.device(device)))
     examples = finetune.read_split(cfg, path)
     labels = _labels(cfg)
     finetune.check(labels, cfg.task.type, examples)
     dataset = finetune.task_dataset(cfg, examples, tokenizer, labels)
     preds, _ = finetune.predict(model, dataset, batch_size=batch_size, device=torch.device(device))
     scores = finetune.metrics(cfg.task.type, dataset, preds, labels)
+    return _write_eval(run_dir, split, path, src, scores)
+
+
+def _write_eval(run_dir, split: str, path, src, scores: dict) -> dict:
     result = {"split": split, "data": str(path), "checkpoint": str(src), **scores}
     out = Path(run_dir) / f"eval_{split}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -126,6 +137,9 @@ def predict_run(run_dir: str | Path, input_path: str | Path, output: str | Path,
     """``megaforge predict RUN --input FILE --output FILE``: jsonl, or BRAT files when ``output`` is a
     folder (no extension)."""
     model, cfg, tokenizer, src = load_task_run(run_dir, device=device)
+    if cfg.task.type == "sft":
+        raise ConfigError(f"{run_dir} is an sft run: batch prediction for generative runs is not built yet; use "
+                          "`megaforge generate RUN --prompt TEXT`")
     docs = read_documents(input_path)
     results = predict_documents(model, cfg, tokenizer, [t for _, t in docs], device=device, batch_size=batch_size)
     output = Path(output)

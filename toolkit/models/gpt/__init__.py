@@ -6,7 +6,7 @@ from toolkit.config import RunConfig
 from toolkit.data.gpt_dataset import build_gpt_datasets
 from toolkit.models.gpt.hf import ADAPTER
 from toolkit.models.gpt.model import GPTModel
-from toolkit.models.gpt.objective import CAUSAL_LM_PIPELINE, causal_lm
+from toolkit.models.gpt.objective import CAUSAL_LM_PIPELINE, causal_lm, masked_causal_lm
 from toolkit.models.gpt.parallelize import parallelize_gpt, pipeline_split_gpt
 from toolkit.registry import ModelSpec
 
@@ -27,6 +27,8 @@ SPEC = ModelSpec(
     pipeline_split=pipeline_split_gpt,
     pipeline_objective=CAUSAL_LM_PIPELINE,
     hf_adapter=ADAPTER,
+    build_task=lambda cfg, task, *, tensor_parallel_size=1: GPTModel(cfg, tensor_parallel_size=tensor_parallel_size),
+    task_objectives={"sft": masked_causal_lm},  # supervised fine-tuning: the LM itself, loss on the answers
 )
 
 __all__ = ["GPTModel", "SPEC"]

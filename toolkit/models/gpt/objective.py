@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from toolkit.models.common.loss import lm_cross_entropy
+from toolkit.models.common.loss import IGNORE_INDEX, lm_cross_entropy
 from toolkit.registry import PipelineObjective
 
 
@@ -14,6 +14,14 @@ def causal_lm(model: nn.Module, batch: dict) -> torch.Tensor:
     tokens = batch["tokens"]
     logits = model(tokens[:, :-1])  # [b, s, padded_vocab]
     return lm_cross_entropy(logits, tokens[:, 1:])
+
+
+def masked_causal_lm(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Supervised fine-tuning: next-token prediction on ``batch["tokens"]`` [b, s + 1] counted only
+    where ``batch["loss_mask"]`` [b, s] marks a trained target (answers and their end token)."""
+    tokens = batch["tokens"]
+    logits = model(tokens[:, :-1])  # [b, s, padded_vocab]
+    return lm_cross_entropy(logits, tokens[:, 1:].masked_fill(~batch["loss_mask"], IGNORE_INDEX))
 
 
 # causal_lm, split: the first stage reads tokens[:, :-1], the last stage's logits meet tokens[:, 1:]
