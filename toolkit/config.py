@@ -143,6 +143,7 @@ class TaskConfig:
     classifier_dropout: Optional[float] = None  # dropout before the task head; None → model.hidden_dropout
     labels: List[str] = field(default_factory=list)  # label names in id order; set from the training file
     chat_template: Optional[str] = None  # sft: Jinja2 chat template (text or a file); None → the tokenizer's, else the default
+    packing: bool = False  # sft: pack several samples per training sequence (attention and positions kept per sample)
 
 
 @dataclass
@@ -387,6 +388,8 @@ def validate(cfg: RunConfig) -> None:
     if cfg.task.type != "none" and spec.build_task is None:
         raise ConfigError(f"model.family={m.family} has no task heads (task.type={cfg.task.type}); fine-tune an "
                           f"encoder family")
+    if cfg.task.packing and cfg.task.type != "sft":
+        raise ConfigError(f"task.packing=true packs SFT samples; task.type={cfg.task.type} does not pack")
     if cfg.task.type != "none" and cfg.task.type not in spec.task_objectives:
         raise ConfigError(f"model.family={m.family} fine-tunes for task.type {', '.join(spec.task_objectives)}, not "
                           f"{cfg.task.type}")

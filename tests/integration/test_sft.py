@@ -72,3 +72,5 @@ def test_sft_is_for_decoders_and_token_classification_is_for_encoders():
     assert out.returncode == 2 and "model.family=gpt fine-tunes for task.type sft, not token_classification" in out.stderr
     out = run_cli("finetune", "bert-tiny-ncbi-disease", "task.type=sft")
     assert out.returncode == 2 and "not sft" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    out = run_cli("finetune", "bert-tiny-ncbi-disease", "task.packing=true")
+    assert out.returncode == 2 and "task.packing=true packs SFT samples" in out.stderr

@@ -98,3 +98,46 @@ def test_template_that_does_not_render_is_one_line():
     bad = "{% for m in messages %}{{ raise_exception('only user turns') }}{% endfor %}"
     with pytest.raises(ConfigError, match="the chat template does not render: only user turns"):
         encode_sft(parse_sft_record(CHAT, "t:1"), TOK, bad)
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_packed_and_unpacked_batches_give_the_same_per_token_losses(style):
+    """Several samples in one row, attention confined to each and positions restarting per sample,
+    give every trained token the loss it has alone in its own row."""
+    import torch
+
+    from toolkit.config import ModelConfig
+    from toolkit.models.gpt import GPTModel
+    from toolkit.models.gpt.objective import masked_causal_lm
+
+    extra = dict(position_embedding_type="rope", normalization="RMSNorm", activation="swiglu", add_bias_linear=False,
+                 num_query_groups=2, share_embeddings_and_output_weights=False) if style == "llama" else {}
+    cfg = ModelConfig(family="gpt", num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=40,
+                      max_position_embeddings=64, vocab_size=TOK.vocab_size, hidden_dropout=0.0, attention_dropout=0.0,
+                      **extra)
+    model = GPTModel(cfg)
+    model.init_weights(0)
+    records = [{"prompt": "Q: sky?", "completion": " blue"}, CHAT, {"prompt": "Name a fruit:", "completion": " apple"},
+               {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]
+    examples = [parse_sft_record(r, f"t:{i}") for i, r in enumerate(records)]
+    alone = encode_sft_examples(examples, TOK, seq_length=40)
+    packed = encode_sft_examples(examples, TOK, seq_length=40, packing=True)
+    assert len(packed.tokens) < len(alone.tokens) and packed.segments.max() >= 2  # some row holds several samples
+
+    def per_token(enc):  # the trained targets' losses, row-major: samples in order either way
+        tokens = torch.from_numpy(enc.tokens)
+        extra = {} if enc.segments is None else {"positions": torch.from_numpy(enc.positions)[:, :-1],
+                                                 "segments": torch.from_numpy(enc.segments)[:, :-1]}
+        with torch.no_grad():
+            logits = model(tokens[:, :-1], **extra).float()
+        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        return losses[torch.from_numpy(enc.loss_mask).flatten()]
+
+    a, b = per_token(alone), per_token(packed)
+    assert a.shape == b.shape and a.numel() == int(alone.loss_mask.sum())
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    # the objective the trainer calls agrees with the token mean
+    batch = {"tokens": torch.from_numpy(packed.tokens), "loss_mask": torch.from_numpy(packed.loss_mask),
+             "positions": torch.from_numpy(packed.positions), "segments": torch.from_numpy(packed.segments)}
+    with torch.no_grad():
+        torch.testing.assert_close(masked_causal_lm(model, batch), a.mean(), rtol=1e-5, atol=1e-6)

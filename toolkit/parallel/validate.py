@@ -56,6 +56,8 @@ def validate_parallel(cfg: RunConfig, world_size: int) -> None:
     if p.sequence_parallel and m.seq_length % tp:
         raise ParallelConfigError(f"model.seq_length={m.seq_length} is not divisible by "
                                   f"parallel.tensor_model_parallel_size={tp} (needed by sequence_parallel)")
+    if cfg.task.packing and p.sequence_parallel:
+        raise ParallelConfigError("task.packing is not supported with parallel.sequence_parallel yet; turn one off")
     if cfg.task.type != "none" and pp > 1:
         raise ParallelConfigError(f"fine-tuning (task.type={cfg.task.type}) runs with tensor and data parallelism; "
                                   f"set parallel.pipeline_model_parallel_size=1")

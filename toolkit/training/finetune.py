@@ -149,14 +149,16 @@ def metrics(task_type: str, dataset: TaskDataset, preds: list, labels: LabelSet 
 def _prepare_sft(cfg: RunConfig, tokenizer) -> FinetuneData:
     template = chat_template(cfg, tokenizer)
 
-    def encode(path: str) -> SftDataset:
+    def encode(path: str, packing: bool) -> SftDataset:
         examples = read_sft(resolve_task_file(path))
-        return SftDataset(encode_sft_examples(examples, tokenizer, seq_length=cfg.model.seq_length, template=template))
+        return SftDataset(encode_sft_examples(examples, tokenizer, seq_length=cfg.model.seq_length, template=template,
+                                              packing=packing))
 
-    train = encode(cfg.task.train_file)
-    valid = encode(cfg.task.valid_file) if cfg.task.valid_file else None
+    train = encode(cfg.task.train_file, cfg.task.packing)
+    valid = encode(cfg.task.valid_file, False) if cfg.task.valid_file else None  # validation: one sample per row
     dropped = train.encoded.dropped + (valid.encoded.dropped if valid is not None else 0)
-    logger.info(f"fine-tuning for sft: {len(train)} training examples"
+    packed = f" packed into {len(train)} sequences" if cfg.task.packing else ""
+    logger.info(f"fine-tuning for sft: {len(train.encoded.examples)} training examples{packed}"
                 + (f", {len(valid)} validation examples" if valid is not None else "")
                 + (f"; {dropped} dropped: their answers do not fit model.seq_length={cfg.model.seq_length}" if dropped else ""))
     t = cfg.trainer

@@ -185,37 +185,63 @@ def fit(ids: list[int], trained: list[bool], length: int) -> tuple[list[int], li
 
 @dataclass
 class SftEncoded:
-    """Encoded SFT examples: tokens [n, length + 1] (inputs ``[:-1]``, targets ``[1:]``) and the loss
-    mask over the targets [n, length]; ``dropped`` counts examples that could not fit."""
+    """Encoded SFT examples, one row per example or, packed, several per row: tokens [n, length + 1]
+    (inputs ``[:-1]``, targets ``[1:]``), the loss mask over the targets [n, length], and for packed
+    rows each token's sample id and position within its sample [n, length + 1] (segments: 0 is
+    padding, samples count from 1). ``dropped`` counts examples that could not fit."""
 
     tokens: np.ndarray
     loss_mask: np.ndarray
     dropped: int
     examples: list[SftExample]
+    segments: np.ndarray | None = None
+    positions: np.ndarray | None = None
 
 
-def encode_sft_examples(examples: list[SftExample], tokenizer, *, seq_length: int,
-                        template: str | None = None) -> SftEncoded:
+def encode_sft_examples(examples: list[SftExample], tokenizer, *, seq_length: int, template: str | None = None,
+                        packing: bool = False) -> SftEncoded:
+    """Encode, fit and lay out ``examples`` in rows of ``seq_length + 1`` tokens: one per row, or with
+    ``packing`` as many consecutive samples per row as fit (a new row when the next does not)."""
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    rows, masks, kept, dropped = [], [], [], 0
+    width = seq_length + 1
+    samples, kept, dropped = [], [], 0
     for ex in examples:
-        fitted = fit(*encode_sft(ex, tokenizer, template), seq_length + 1)
+        fitted = fit(*encode_sft(ex, tokenizer, template), width)
         if fitted is None:
             dropped += 1
             continue
-        ids, trained = fitted
-        n = len(ids)
-        rows.append(ids + [pad] * (seq_length + 1 - n))
-        masks.append(trained[1:] + [False] * (seq_length + 1 - n))  # target j is token j + 1
+        samples.append(fitted)
         kept.append(ex)
-    if not rows:
+    if not samples:
         raise DataError(f"no SFT example fits model.seq_length={seq_length} ({dropped} dropped); raise "
                         "model.seq_length or shorten the prompts")
-    return SftEncoded(np.asarray(rows, dtype=np.int64), np.asarray(masks, dtype=bool), dropped, kept)
+    rows: list[list[tuple[list[int], list[bool]]]] = []
+    for sample in samples:
+        if packing and rows and sum(len(ids) for ids, _ in rows[-1]) + len(sample[0]) <= width:
+            rows[-1].append(sample)
+        else:
+            rows.append([sample])
+    tokens = np.full((len(rows), width), pad, dtype=np.int64)
+    mask = np.zeros((len(rows), seq_length), dtype=bool)
+    segments = np.zeros((len(rows), width), dtype=np.int64)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, (ids, trained) in enumerate(row, start=1):
+            n = len(ids)
+            tokens[r, at:at + n] = ids
+            mask[r, at:at + n - 1] = trained[1:]  # target j is token j + 1 of the same sample; never the next sample's first
+            segments[r, at:at + n] = k
+            positions[r, at:at + n] = np.arange(n)
+            at += n
+    if not packing:
+        return SftEncoded(tokens, mask, dropped, kept)
+    return SftEncoded(tokens, mask, dropped, kept, segments=segments, positions=positions)
 
 
 class SftDataset(torch.utils.data.Dataset):
-    """Rows ``{"tokens": [length + 1], "loss_mask": [length]}`` for the masked causal-LM objective."""
+    """Rows ``{"tokens": [length + 1], "loss_mask": [length]}`` (packed rows add ``segments`` and
+    ``positions`` [length + 1]) for the masked causal-LM objective."""
 
     def __init__(self, encoded: SftEncoded):
         self.encoded = encoded
@@ -224,4 +250,8 @@ class SftDataset(torch.utils.data.Dataset):
         return len(self.encoded.tokens)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"tokens": torch.from_numpy(self.encoded.tokens[i]), "loss_mask": torch.from_numpy(self.encoded.loss_mask[i])}
+        e = self.encoded
+        row = {"tokens": torch.from_numpy(e.tokens[i]), "loss_mask": torch.from_numpy(e.loss_mask[i])}
+        if e.segments is not None:
+            row["segments"], row["positions"] = torch.from_numpy(e.segments[i]), torch.from_numpy(e.positions[i])
+        return row

@@ -33,7 +33,10 @@ class RotaryEmbedding(nn.Module):
         self.sin.copy_(emb.sin())
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for ``positions`` [s] → each [s, head_dim]."""
+        """cos, sin for ``positions`` [s] → each [s, head_dim]; per-sample ``positions`` [b, s] (packed
+        sequences) → each [b, 1, s, head_dim], broadcast over heads."""
+        if positions.dim() == 2:
+            return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         return self.cos[positions], self.sin[positions]
 
 
@@ -43,7 +46,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [b, heads, s, head_dim] by cos/sin [s, head_dim] (computed in fp32)."""
+    """Rotate ``x`` [b, heads, s, head_dim] by cos/sin [s, head_dim] or [b, 1, s, head_dim] (in fp32)."""
     dtype = x.dtype
     x = x.float()
     out = x * cos + _rotate_half(x) * sin

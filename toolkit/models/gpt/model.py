@@ -78,16 +78,28 @@ class GPTModel(nn.Module):
         *,
         start_pos: int = 0,
         caches: list[KVCache] | None = None,
+        positions: torch.Tensor | None = None,  # [b, s] per-token positions (packed samples restart at 0)
+        segments: torch.Tensor | None = None,  # [b, s] sample id per token: attention stays inside a sample
     ) -> torch.Tensor:
-        """Logits ``[b, s, padded_vocab]`` (padded columns are -inf), or hidden states on a non-final stage."""
+        """Logits ``[b, s, padded_vocab]`` (padded columns are -inf), or hidden states on a non-final stage.
+
+        With ``segments`` (packed sequences) a token attends only to earlier tokens of its own sample,
+        and ``positions`` restart per sample, so each sample sees exactly what it would alone."""
         hidden_in = tokens.is_floating_point()  # hidden states from the previous pipeline stage
         s = tokens.shape[1] * (self.sequence_shards if hidden_in else 1)
-        positions = torch.arange(start_pos, start_pos + s, device=tokens.device)
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + s, device=tokens.device)
+        mask = None
+        if segments is not None:
+            causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()  # [s, s]
+            mask = (segments[:, :, None] == segments[:, None, :]) & causal  # [b, s, s]
+            mask = mask[:, None]  # [b, 1, s, s], broadcast over heads
         # (a last pipeline stage may hold the word embedding only as its tied output weight)
         h = tokens if hidden_in or self.embed is None else self.embed(tokens, positions)
         rope = self.rotary(positions) if self.rotary is not None else None
         for i, layer in enumerate(self.layers.values()):
-            h = layer(h, is_causal=True, rope=rope, cache=caches[i] if caches is not None else None)
+            h = layer(h, attn_mask=mask, is_causal=mask is None, rope=rope,
+                      cache=caches[i] if caches is not None else None)
         if self.final_norm is None:
             return h
         h = self.final_norm(h)

@@ -18,9 +18,11 @@ def causal_lm(model: nn.Module, batch: dict) -> torch.Tensor:
 
 def masked_causal_lm(model: nn.Module, batch: dict) -> torch.Tensor:
     """Supervised fine-tuning: next-token prediction on ``batch["tokens"]`` [b, s + 1] counted only
-    where ``batch["loss_mask"]`` [b, s] marks a trained target (answers and their end token)."""
+    where ``batch["loss_mask"]`` [b, s] marks a trained target (answers and their end token). Packed
+    rows carry ``positions`` and ``segments`` [b, s + 1] (see :func:`GPTModel.forward`)."""
     tokens = batch["tokens"]
-    logits = model(tokens[:, :-1])  # [b, s, padded_vocab]
+    packed = {k: batch[k][:, :-1] for k in ("positions", "segments") if k in batch}  # [b, s] each (packing)
+    logits = model(tokens[:, :-1], **packed)  # [b, s, padded_vocab]
     return lm_cross_entropy(logits, tokens[:, 1:].masked_fill(~batch["loss_mask"], IGNORE_INDEX))
 
 
