@@ -17,7 +17,9 @@ reading the note:
   hypothesis about the patient: ``entailment`` when it states a recorded fact, ``contradiction``
   when it denies one, ``neutral`` when it is about a drug or problem this patient has no record of.
 - ``clinical-sts``: the problem-and-medication lines of two notes, scored 0-5 as 5 x the Jaccard
-  overlap of the two encounters' recorded problem categories and drugs.
+  overlap of the recorded concepts they name.
+- ``clinical-sft``: extraction as instruction following for decoders: a short excerpt of a note and
+  the recorded drugs (or problems) it names, as prompt/completion or as a chat turn.
 
 Splits are by patient (80/10/10), so no patient is in two splits. Output files are gzip'd jsonl
 with mtime 0: two runs on the same clinosim output give identical bytes.
@@ -45,6 +47,9 @@ NER_SIZE = {"train": 1000, "valid": 120, "test": 240}
 PAIR_SIZE = {"train": 3000, "valid": 300, "test": 600}
 #: the longest passage of clinical-sts, in characters (two fit in gatortron-tiny's 128 tokens)
 STS_CHARS = 240
+#: the longest note excerpt of clinical-sft, in characters (with its answer, within gpt-tiny's 128 tokens)
+SFT_CHARS = 160
+SFT_SIZE = {"train": 3000, "valid": 200, "test": 400}
 #: words that end a drug name in a regimen string
 ROUTES = {"PO", "IV", "SC", "IM", "SL", "PR", "INH", "TOP", "daily", "BID", "TID", "QID", "PRN", "continuous", "drip", "x"}
 #: note types with fewer training notes than this are left out of clinical-note-type
@@ -283,6 +288,30 @@ def main(cif: Path, output: Path) -> None:
             rows.append({"text_a": passages[i][0], "text_b": passages[j][0], "score": round(5 * len(a & b) / len(a | b), 3),
                          "source": f"{passages[i][2]} {passages[j][2]}"})
         write(output / "clinical-sts" / f"{split}.jsonl.gz", rows)
+
+        # clinical-sft: extraction as instruction following. A short excerpt of a note (its sentences naming
+        # drugs, or problems, at most SFT_CHARS) and the recorded drugs / problems it names, in order of
+        # first mention; half as prompt/completion, half as a chat turn
+        rows = []
+        for x in part:
+            for kind, cue, ask in (("DRUG", "Medications:", "List the medications."),
+                                   ("PROBLEM", "Problems:", "List the problems.")):
+                keep, names = [], []
+                for s, e in sentences(x["text"]):
+                    inside = [m for m in x["entities"] if m["start"] >= s and m["end"] <= e and m["label"] == kind]
+                    if inside and sum(len(k) + 1 for k in keep) + e - s <= SFT_CHARS:
+                        keep.append(x["text"][s:e])
+                        names += [x["text"][m["start"]:m["end"]] for m in inside]
+                if not names:
+                    continue
+                excerpt, answer = " ".join(keep), ", ".join(dict.fromkeys(names))
+                if prng.random() < 0.5:
+                    rows.append({"prompt": f"{excerpt}\n{cue}", "completion": f" {answer}", "source": x["source"]})
+                else:
+                    rows.append({"messages": [{"role": "user", "content": f"{excerpt}\n{ask}"},
+                                              {"role": "assistant", "content": answer}], "source": x["source"]})
+        prng.shuffle(rows)
+        write(output / "clinical-sft" / f"{split}.jsonl.gz", rows[: SFT_SIZE[split]])
 
     counts = Counter((x["split"], x["type"]) for x in notes)
     print(json.dumps({f"{s}/{t}": c for (s, t), c in sorted(counts.items())}, indent=1))

@@ -50,6 +50,7 @@ def test_sft_learns_answers_that_end_by_themselves(tmp_path):
     scores = json.loads((run / "eval_valid.json").read_text())
     assert scores["num_tokens"] == sum(len(tok.encode(f" {v}")) + 1 for v in COLORS.values())  # answers + end tokens
     assert scores["loss"] < 0.2 * val[0]
+    assert scores["exact_match"] >= 5 / 6 and scores["num_examples"] == 6  # greedy answers, scored
     # export: the plain causal LM, with the chat template it was trained with in tokenizer_config.json
     transformers = __import__("pytest").importorskip("transformers")
     hf = tmp_path / "hf"

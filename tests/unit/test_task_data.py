@@ -217,6 +217,10 @@ def test_shipped_clinical_tasks():
     sts = read_examples(resolve_task_file("clinical-sts:test"), regression=True)
     scores = [e.label for e in sts]
     assert len(sts) == 600 and min(scores) == 0 and max(scores) == 5 and len(set(scores)) > 20
-    for name in ("clinical-ner", "clinical-note-type", "clinical-nli", "clinical-sts"):
+    from toolkit.data.tasks.sft import read_sft
+
+    sft = read_sft(resolve_task_file("clinical-sft:train"))
+    assert len(sft) == 3000 and 1000 < sum(e.prompt is not None for e in sft) < 2000  # prompt/completion and chat
+    for name in ("clinical-ner", "clinical-note-type", "clinical-nli", "clinical-sts", "clinical-sft"):
         train, valid, test = (_patients(_rows(name, s)) for s in ("train", "valid", "test"))
         assert train and valid and test and not (train & valid or train & test or valid & test), name

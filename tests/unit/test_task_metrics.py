@@ -287,3 +287,23 @@ def test_majority_baseline_errors():
         majority_baseline([], ["a"], "sequence_classification")
     with pytest.raises(ValueError, match="non-empty"):
         majority_baseline([[], []], [["O"]], "token_classification")
+
+
+# --- generation metrics (SFT evaluate) -------------------------------------------------------------------------
+
+
+def test_generation_metrics_on_hand_computed_values():
+    from toolkit.evaluation.metrics import generation_metrics, normalize_answer, token_f1
+
+    assert normalize_answer("The  Amlodipine, Metformin.") == "amlodipine metformin"
+    assert token_f1("amlodipine metformin", "amlodipine aspirin") == pytest.approx(0.5)  # P = R = 1/2
+    assert token_f1("x y z", "z y x w") == pytest.approx(2 * (3 / 4) * 1 / (3 / 4 + 1))  # P 3/4, R 1
+    assert token_f1("a b c", "c b a d") == pytest.approx(0.8)  # articles drop: "b c" vs "c b d", P 2/3, R 1
+    scores = generation_metrics(["Amlodipine, Metformin", "x y z w", "blue"],
+                                ["amlodipine metformin", "x z w v", "red"])
+    assert scores["exact_match"] == pytest.approx(1 / 3)
+    # token F1: 1, 3/4 (x z w shared: P = R = 3/4), 0 → mean 7/12
+    assert scores["token_f1"] == pytest.approx((1 + 0.75 + 0) / 3)
+    # ROUGE-L F: 1 ("amlodipine metformin" both ways), LCS "x z w" = 3 of 4 → 0.75, 0
+    assert scores["rouge_l"] == pytest.approx((1 + 0.75 + 0) / 3)
+    assert scores["num_examples"] == 3

@@ -215,3 +215,45 @@ def majority_baseline(gold_train: Sequence, gold_eval: Sequence, task: str, *, l
     if task == "sequence_classification":
         return classification_metrics(gold_eval, [constant] * len(gold_eval), labels=labels)
     return regression_metrics(gold_eval, [constant] * len(gold_eval))
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalization: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def token_f1(reference: str, prediction: str) -> float:
+    """SQuAD's token F1 between normalized answers (1.0 when both are empty)."""
+    ref, pred = normalize_answer(reference).split(), normalize_answer(prediction).split()
+    if not ref or not pred:
+        return float(ref == pred)
+    common = sum((Counter(ref) & Counter(pred)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def generation_metrics(references: Sequence[str], predictions: Sequence[str]) -> dict[str, Any]:
+    """Generated text against references: ``exact_match`` (after :func:`normalize_answer`), mean
+    ``token_f1`` and mean ROUGE-L F-measure (``rouge-score``, no stemming), over ``num_examples``."""
+    from rouge_score import rouge_scorer
+
+    if len(references) != len(predictions):
+        raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
+    n = len(references)
+    if n == 0:
+        return {"exact_match": 0.0, "token_f1": 0.0, "rouge_l": 0.0, "num_examples": 0}
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    em = sum(normalize_answer(r) == normalize_answer(p) for r, p in zip(references, predictions)) / n
+    f1 = sum(token_f1(r, p) for r, p in zip(references, predictions)) / n
+    rouge = sum(scorer.score(r, p)["rougeL"].fmeasure for r, p in zip(references, predictions)) / n
+    return {"exact_match": em, "token_f1": f1, "rouge_l": rouge, "num_examples": n}

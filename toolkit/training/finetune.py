@@ -21,9 +21,9 @@ from toolkit.config import RunConfig
 from toolkit.data.tasks import LabelSet, read_examples, resolve_task_file
 from toolkit.data.tasks.datasets import EpochSampled, TaskDataset, ner_dataset, pair_dataset
 from toolkit.data.tasks.encoding import merge_word_predictions
-from toolkit.data.tasks.sft import SftDataset, chat_template, encode_sft_examples, read_sft
+from toolkit.data.tasks.sft import SftDataset, chat_template, encode_sft_examples, generation_prompt, read_sft
 from toolkit.errors import ConfigError, DataError
-from toolkit.evaluation.metrics import classification_metrics, ner_metrics, regression_metrics
+from toolkit.evaluation.metrics import classification_metrics, generation_metrics, ner_metrics, regression_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +186,26 @@ def sft_loss(model: nn.Module, dataset: SftDataset, *, batch_size: int, device: 
         model.train(was_training)
     loss = total / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "num_tokens": count}
+
+
+@torch.no_grad()
+def sft_generate(model: nn.Module, examples: list, tokenizer, *, template: str | None, device: torch.device,
+                 max_new_tokens: int = 64) -> dict:
+    """Greedy answers to each example's prompt (its prompt kept to the model's positions, cut from
+    the start as in training), scored against the reference: :func:`generation_metrics`."""
+    from toolkit.generation import generate
+
+    eos = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.eod_id
+    limit = model.cfg.max_position_embeddings or model.cfg.seq_length
+    refs, preds = [], []
+    for ex in examples:
+        prompt, reference = generation_prompt(ex, tokenizer, template)
+        ids = tokenizer.encode(prompt)[-(limit - 1):]  # room for at least one new token
+        new = generate(model, torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, temperature=0.0,
+                       eos_id=eos)[0].tolist()
+        preds.append(tokenizer.decode(new[: new.index(eos)] if eos in new else new))
+        refs.append(reference)
+    return generation_metrics(refs, preds)
 
 
 def evaluator(cfg: RunConfig, data: FinetuneData, device: torch.device):

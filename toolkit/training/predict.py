@@ -56,11 +56,13 @@ def evaluate_run(run_dir: str | Path, *, split: str = "valid", data: str | None 
     path = data or finetune.split_file(cfg, split)
     if not path:
         raise ConfigError(f"the run has no task.{split}_file; pass --data FILE")
-    if cfg.task.type == "sft":  # the masked next-token loss on the split's answers
-        dataset = SftDataset(encode_sft_examples(read_sft(resolve_task_file(path)), tokenizer,
-                                                 seq_length=cfg.model.seq_length, template=chat_template(cfg, tokenizer)))
-        return _write_eval(run_dir, split, path, src, finetune.sft_loss(model, dataset, batch_size=batch_size,
-                                                                         device=torch.device(device)))
+    if cfg.task.type == "sft":  # the masked loss on the split's answers, and greedy answers scored
+        template = chat_template(cfg, tokenizer)
+        examples = read_sft(resolve_task_file(path))
+        dataset = SftDataset(encode_sft_examples(examples, tokenizer, seq_length=cfg.model.seq_length, template=template))
+        scores = finetune.sft_loss(model, dataset, batch_size=batch_size, device=torch.device(device))
+        scores.update(finetune.sft_generate(model, examples, tokenizer, template=template, device=torch.device(device)))
+        return _write_eval(run_dir, split, path, src, scores)
     examples = finetune.read_split(cfg, path)
     labels = _labels(cfg)
     finetune.check(labels, cfg.task.type, examples)

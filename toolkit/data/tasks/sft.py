@@ -255,3 +255,16 @@ class SftDataset(torch.utils.data.Dataset):
         if e.segments is not None:
             row["segments"], row["positions"] = torch.from_numpy(e.segments[i]), torch.from_numpy(e.positions[i])
         return row
+
+
+def generation_prompt(example: SftExample, tokenizer, template: str | None) -> tuple[str, str]:
+    """(the text a model continues, the reference answer) for generation-based evaluation: the prompt
+    and completion, or the conversation up to its last assistant turn (rendered with the generation
+    prompt) and that turn's content."""
+    if example.prompt is not None:
+        return example.prompt, example.completion
+    last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
+    eos = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.eod_id
+    text = render_chat(template or DEFAULT_CHAT_TEMPLATE, example.messages[:last], add_generation_prompt=True,
+                       eos_token=_token(tokenizer, eos), bos_token=_token(tokenizer, tokenizer.bos_id))
+    return text, example.messages[last]["content"]

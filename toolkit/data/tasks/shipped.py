@@ -1,6 +1,6 @@
 """Task data that ships inside the package, named in recipes as ``NAME:SPLIT`` (e.g.
 ``ncbi-disease:train``): the NCBI disease corpus (public domain, see its README and LICENSE) and
-four synthetic clinical tasks made from clinosim's simulated patients (``clinical/README.md``)."""
+synthetic clinical tasks made from clinosim's simulated patients (``clinical/README.md``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ SHIPPED = {
     "ncbi-disease": {"train": "ncbi-disease/train.tsv.gz", "valid": "ncbi-disease/devel.tsv.gz",
                      "test": "ncbi-disease/test.tsv.gz"},
     **{f"clinical-{task}": {split: f"clinical/{task}/{split}.jsonl.gz" for split in ("train", "valid", "test")}
-       for task in ("ner", "note-type", "nli", "sts")},
+       for task in ("ner", "note-type", "nli", "sts", "sft")},
 }
 
 
