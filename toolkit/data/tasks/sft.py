@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from toolkit.data.tasks.formats import json_lines
 from toolkit.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
@@ -58,8 +59,6 @@ class SftExample:
 
 def read_sft(path: str | Path) -> list[SftExample]:
     """The SFT examples of a jsonl file (one record per line)."""
-    from toolkit.data.tasks.formats import json_lines
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist; check task.train_file / valid_file / test_file")
