@@ -41,6 +41,7 @@ from toolkit.data.indexed import (
     _memmap,
     index_file_path,
 )
+from toolkit.data.indexed import DTYPE_CODES as NATIVE_CODES
 from toolkit.errors import DataError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -48,15 +49,9 @@ VERSION = 1
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, document-index entries
 HEADER_SIZE = _HEADER.size  # 34 bytes
 
-#: Megatron's DType codes (megatron.core.datasets.indexed_dataset.DType); 6 and 7 are float64/float32
-DTYPE_CODES: dict[int, np.dtype] = {
-    1: np.dtype(np.uint8),
-    2: np.dtype(np.int8),
-    3: np.dtype(np.int16),
-    4: np.dtype(np.int32),
-    5: np.dtype(np.int64),
-    8: np.dtype(np.uint16),
-}
+#: Megatron's integer DType codes (megatron.core.datasets.indexed_dataset.DType): megaforge's own codes
+#: were chosen to agree, less 9 (uint32), which Megatron lacks; its 6 and 7 are float64/float32
+DTYPE_CODES: dict[int, np.dtype] = {code: dt for code, dt in NATIVE_CODES.items() if code != 9}
 _FLOAT_CODES = {6: "float64", 7: "float32"}
 _CODE_OF = {dt: code for code, dt in DTYPE_CODES.items()}
 
