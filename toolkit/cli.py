@@ -81,9 +81,19 @@ def _cmd_generate(args) -> int:
     from toolkit.checkpoint import load_megaforge_model
     from toolkit.generation import generate_text
 
-    model, _, tokenizer = load_megaforge_model(args.run_dir, device=_device(args.device))
-    text = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    model, cfg, tokenizer = load_megaforge_model(args.run_dir, device=_device(args.device))
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed)
+    if args.chat:  # the prompt is a user turn; the reply is printed alone
+        from toolkit.data.tasks.sft import chat_template
+        from toolkit.generation import generate_chat
+
+        if tokenizer is None:
+            raise ConfigError(f"{args.run_dir} has no tokenizer; --chat renders the conversation with it")
+        print(generate_chat(model, tokenizer, [{"role": "user", "content": args.prompt}],
+                            template=chat_template(cfg, tokenizer), **sampling))
+        return 0
+    text = generate_text(model, tokenizer, args.prompt, **sampling)
     print(args.prompt + text)
     return 0
 
@@ -201,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = command("generate", help="continue a prompt with a trained run's latest checkpoint")
     s.add_argument("run_dir", help="run directory (trainer.run_dir of the training run)")
     s.add_argument("--prompt", required=True, help="text to continue")
+    s.add_argument("--chat", action="store_true",
+                   help="the prompt is a user message: render it with the run's chat template and print the reply")
     s.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default 50)")
     s.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
     s.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")

@@ -44,6 +44,9 @@ def test_sft_learns_answers_that_end_by_themselves(tmp_path):
     for k, v in COLORS.items():  # greedy: the answer, then the end token and nothing more
         answered += generate_text(model, tok, f"What color is the {k}? Answer:", max_new_tokens=8, temperature=0.0) == f" {v}"
     assert answered >= 5, answered
+    chat = run_cli("generate", str(run), "--chat", "--prompt", "What color is the grass?", "--temperature", "0",
+                   "--max-new-tokens", "8")  # a user turn, rendered with the template the chat records trained on
+    assert chat.returncode == 0 and chat.stdout.strip() == "green", chat.stdout + chat.stderr[-2000:]
     # evaluate: the masked loss on the split's answers
     ev = run_cli("evaluate", str(run), "--split", "valid")
     assert ev.returncode == 0, ev.stderr[-2000:]
