@@ -127,7 +127,7 @@ _TASK_WORDS = {"token_classification": "token classification (named-entity recog
                "sft": "instruction following (supervised fine-tuning on prompt/completion and chat data)"}
 #: evaluate's flat metrics shown on the card, in this order
 _CARD_METRICS = ("f1_strict", "precision_strict", "recall_strict", "f1_lenient", "token_accuracy", "accuracy",
-                 "macro_f1", "pearson", "spearman")
+                 "macro_f1", "pearson", "spearman", "exact_match", "token_f1", "rouge_l", "loss")
 
 
 def _task_lines(task: dict, evaluations: dict) -> list[str]:

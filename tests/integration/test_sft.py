@@ -67,6 +67,10 @@ def test_sft_learns_answers_that_end_by_themselves(tmp_path):
     theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
     ours, _ = encode_sft(parse_sft_record(lines[0], "t:1"), tok, None)
     assert list(theirs) == ours
+    card = run_cli("publish", str(hf), "you/gpt-tiny-colors", "--dry-run")
+    assert card.returncode == 0, card.stderr[-2000:]
+    assert "Fine-tuned for instruction following" in card.stdout
+    assert f"| exact_match | {scores['exact_match']:.4f} |" in card.stdout  # evaluate's scores on the card
     pred = run_cli("predict", str(run), "--input", str(tmp_path / "valid.jsonl"), "--output", str(tmp_path / "p.jsonl"))
     assert pred.returncode == 2 and "use `megaforge generate" in pred.stderr
 
