@@ -141,19 +141,26 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: i
     return tokenizer.decode(new)
 
 
-def generate_chat(model: nn.Module, tokenizer, messages: list[dict], *, template: str, max_new_tokens: int = 50,
-                  device=None, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  seed: int | None = None) -> str:
-    """The assistant's reply to ``messages`` (``role``/``content`` dicts): the conversation rendered with
-    the chat ``template`` and its generation prompt, continued until the end token the template gives
-    assistant turns (the tokenizer's eos, else eod), which SFT trains the model to produce."""
-    from toolkit.data.tasks.sft import render_chat
+def generate_reply(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 50, device=None,
+                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   seed: int | None = None) -> str:
+    """``prompt`` answered by a decoder fine-tuned with SFT: continued until the end token SFT trains
+    (the tokenizer's eos, else eod), which is cut off. A prompt longer than the model's positions keeps
+    its end, as training cuts from the start."""
+    from toolkit.data.tasks.sft import end_token_id
 
-    eos = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.eod_id
-    name = (lambda i: tokenizer.id_to_token(i) if i is not None else "")
-    prompt = render_chat(template, messages, add_generation_prompt=True, eos_token=name(eos), bos_token=name(tokenizer.bos_id))
+    eos = end_token_id(tokenizer)
+    limit = model.cfg.max_position_embeddings or model.cfg.seq_length
+    ids = tokenizer.encode(prompt)[-(limit - 1):]  # room for at least one new token
     device = device or next(model.parameters()).device
-    ids = tokenizer.encode(prompt)
     new = generate(model, torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, eos_id=eos, seed=seed)[0].tolist()
     return tokenizer.decode(new[: new.index(eos)] if eos in new else new)
+
+
+def generate_chat(model: nn.Module, tokenizer, messages: list[dict], *, template: str, **sampling) -> str:
+    """The assistant's reply to ``messages`` (``role``/``content`` dicts): the conversation rendered with
+    the chat ``template`` and its generation prompt, answered by :func:`generate_reply`."""
+    from toolkit.data.tasks.sft import chat_prompt
+
+    return generate_reply(model, tokenizer, chat_prompt(template, messages, tokenizer), **sampling)

@@ -49,6 +49,7 @@ def set_labels(cfg: RunConfig, train: list) -> LabelSet | None:
     if not cfg.task.labels:
         cfg.task.labels = list(found.labels)
     labels = LabelSet(tuple(cfg.task.labels))
+
     def present(e) -> list[str]:
         return list(e.tags) if t == "token_classification" else [str(e.label)]
 
@@ -191,19 +192,15 @@ def sft_loss(model: nn.Module, dataset: SftDataset, *, batch_size: int, device: 
 @torch.no_grad()
 def sft_generate(model: nn.Module, examples: list, tokenizer, *, template: str | None, device: torch.device,
                  max_new_tokens: int = 64) -> dict:
-    """Greedy answers to each example's prompt (its prompt kept to the model's positions, cut from
-    the start as in training), scored against the reference: :func:`generation_metrics`."""
-    from toolkit.generation import generate
+    """Greedy answers (:func:`toolkit.generation.generate_reply`) to each example's prompt, scored
+    against the reference: :func:`generation_metrics`."""
+    from toolkit.generation import generate_reply
 
-    eos = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.eod_id
-    limit = model.cfg.max_position_embeddings or model.cfg.seq_length
     refs, preds = [], []
     for ex in examples:
         prompt, reference = generation_prompt(ex, tokenizer, template)
-        ids = tokenizer.encode(prompt)[-(limit - 1):]  # room for at least one new token
-        new = generate(model, torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, temperature=0.0,
-                       eos_id=eos)[0].tolist()
-        preds.append(tokenizer.decode(new[: new.index(eos)] if eos in new else new))
+        preds.append(generate_reply(model, tokenizer, prompt, max_new_tokens=max_new_tokens, device=device,
+                                    temperature=0.0))
         refs.append(reference)
     return generation_metrics(refs, preds)
 

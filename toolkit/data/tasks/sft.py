@@ -48,8 +48,8 @@ DEFAULT_CHAT_TEMPLATE = (
 
 @dataclass
 class SftExample:
-    """One training conversation: ``messages`` (prompt/completion records become a user and an
-    assistant turn rendered without a template, see :func:`encode_sft`)."""
+    """One training record: a conversation (``messages``), or a ``prompt`` and ``completion`` kept as
+    raw text (no template; see :func:`encode_sft`)."""
 
     messages: list[dict] = field(default_factory=list)
     where: str = ""
@@ -127,14 +127,27 @@ def render_chat(template: str, messages: list[dict], *, add_generation_prompt: b
         raise ConfigError(f"the chat template does not render: {' '.join(str(e).split())}") from None
 
 
-def _token(tokenizer, idx: int | None) -> str:
-    return tokenizer.id_to_token(idx) if idx is not None else ""
+def end_token_id(tokenizer) -> int | None:
+    """The token that ends an answer: the tokenizer's eos, else its eod. SFT trains it; generation stops at it."""
+    return tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.eod_id
 
 
-def assistant_spans(template: str, messages: list[dict], *, eos_token: str, bos_token: str,
-                    where: str) -> tuple[str, list[tuple[int, int]]]:
+def template_tokens(tokenizer) -> dict[str, str]:
+    """The special-token strings a chat template sees: ``eos_token`` (:func:`end_token_id`) and ``bos_token``."""
+    def name(idx: int | None) -> str:
+        return tokenizer.id_to_token(idx) if idx is not None else ""
+
+    return {"eos_token": name(end_token_id(tokenizer)), "bos_token": name(tokenizer.bos_id)}
+
+
+def chat_prompt(template: str, messages: list[dict], tokenizer) -> str:
+    """``messages`` rendered with ``template`` and its generation prompt: the text a model answers."""
+    return render_chat(template, messages, add_generation_prompt=True, **template_tokens(tokenizer))
+
+
+def assistant_spans(template: str, messages: list[dict], tokenizer, *, where: str) -> tuple[str, list[tuple[int, int]]]:
     """(the rendered conversation, the character spans of its assistant turns)."""
-    kw = {"eos_token": eos_token, "bos_token": bos_token}
+    kw = template_tokens(tokenizer)
     text = render_chat(template, messages, **kw)
     spans = []
     for i, m in enumerate(messages):
@@ -152,7 +165,7 @@ def assistant_spans(template: str, messages: list[dict], *, eos_token: str, bos_
 
 def encode_sft(example: SftExample, tokenizer, template: str | None) -> tuple[list[int], list[bool]]:
     """(token ids, trained flag per token) of one example, before any truncation."""
-    eos = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.eod_id
+    eos = end_token_id(tokenizer)
     if eos is None:
         raise ConfigError("SFT needs a tokenizer with an end-of-sequence token (eos or eod), the token that "
                           "teaches the model to stop")
@@ -163,8 +176,7 @@ def encode_sft(example: SftExample, tokenizer, template: str | None) -> tuple[li
     if encode_offsets is None:
         raise ConfigError(f"chat-format SFT ({example.where}) needs a tokenizer with character offsets (a Hugging "
                           "Face tokenizer.json); prompt/completion records work with any tokenizer")
-    text, spans = assistant_spans(template or DEFAULT_CHAT_TEMPLATE, example.messages, where=example.where,
-                                  eos_token=_token(tokenizer, eos), bos_token=_token(tokenizer, tokenizer.bos_id))
+    text, spans = assistant_spans(template or DEFAULT_CHAT_TEMPLATE, example.messages, tokenizer, where=example.where)
     ids, offsets = encode_offsets(text)
     trained = [any(s <= start < e for s, e in spans) for start, _ in offsets]
     return ids, trained
@@ -263,7 +275,4 @@ def generation_prompt(example: SftExample, tokenizer, template: str | None) -> t
     if example.prompt is not None:
         return example.prompt, example.completion
     last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
-    eos = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.eod_id
-    text = render_chat(template or DEFAULT_CHAT_TEMPLATE, example.messages[:last], add_generation_prompt=True,
-                       eos_token=_token(tokenizer, eos), bos_token=_token(tokenizer, tokenizer.bos_id))
-    return text, example.messages[last]["content"]
+    return chat_prompt(template or DEFAULT_CHAT_TEMPLATE, example.messages[:last], tokenizer), example.messages[last]["content"]
