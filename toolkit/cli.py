@@ -42,6 +42,10 @@ def _cmd_train(args) -> int:
         if result.plot_path:
             print(f"loss plot:     {result.plot_path}")
         print(f"checkpoints:   {result.run_dir / 'checkpoints'}")
+    if result.preempted:
+        from toolkit.errors import PREEMPTED_EXIT_CODE
+
+        return PREEMPTED_EXIT_CODE  # saved after a stop signal: run the same command to continue
     return 0
 
 

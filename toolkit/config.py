@@ -106,6 +106,8 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int = 100  # optimizer steps (the schedule and data order are planned for this many)
     exit_interval: Optional[int] = None  # save and exit when step % exit_interval == 0 (Megatron's --exit-interval)
+    exit_signal: Optional[str] = None  # besides SIGTERM, a signal that saves and exits (e.g. SIGUSR1 for sbatch --signal)
+    max_skipped_steps: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient norm
     micro_batch_size: int = 4  # samples per forward/backward on one rank
     global_batch_size: int = 8  # samples per optimizer step over all data-parallel ranks
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses dynamic loss scaling)
@@ -129,6 +131,7 @@ class CheckpointConfig:
     keep_last: int = 2  # complete checkpoints kept
     resume: bool = True  # continue from run_dir/checkpoints/latest when present
     init_from: Optional[str] = None  # seed a new run: megaforge run/checkpoint, HF folder/Hub id, Megatron-LM checkpoint
+    verify_hashes: bool = True  # check each file's SHA-256 before loading (sizes are always checked); off for huge runs
 
 
 @dataclass
@@ -377,6 +380,15 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"model.seq_length={m.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}"
         )
+    if t.max_skipped_steps < 1:
+        raise ConfigError(f"trainer.max_skipped_steps must be at least 1, got {t.max_skipped_steps}")
+    if t.exit_signal is not None:
+        import signal
+
+        if not (t.exit_signal.startswith("SIG") and hasattr(signal, t.exit_signal)) or t.exit_signal in (
+                "SIGKILL", "SIGSTOP"):
+            raise ConfigError(f"trainer.exit_signal={t.exit_signal!r} is not a signal that can be caught; use a "
+                              "name such as SIGUSR1, SIGUSR2 or SIGINT")
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(
             f"trainer.global_batch_size={t.global_batch_size} is not divisible by "

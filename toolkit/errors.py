@@ -37,6 +37,17 @@ class ParallelConfigError(ConfigError):
     """A parallel layout does not fit the world size or the model."""
 
 
+class TrainingDiverged(MegaforgeError):
+    """The loss or gradient norm stayed non-finite for ``trainer.max_skipped_steps`` steps in a row."""
+
+    exit_code = 3
+
+
+# ``megaforge train`` exits with this code after a graceful stop on SIGTERM or ``trainer.exit_signal``
+# (a checkpoint was saved; run the same command to continue). 75 is EX_TEMPFAIL: "try again later".
+PREEMPTED_EXIT_CODE = 75
+
+
 def closest(name: str, candidates) -> str | None:
     """The candidate closest to ``name`` (for 'did you mean' hints), or None."""
     import difflib

@@ -42,3 +42,19 @@ def test_tp2_dp2_sharded_resume_is_exact(tmp_path: Path):
 
     state = json.loads((run / "checkpoints" / "step_5" / "trainer_state.json").read_text())
     assert state["layout"] == {"tp": 2, "pp": 1, "dp": 2}
+
+
+def test_signal_on_one_rank_saves_on_every_rank(tmp_path: Path):
+    """SIGTERM reaches rank 1 only: the ranks agree at the end of the step, save together, exit 75."""
+    import json
+
+    run = tmp_path / "run"
+    out = launch(run, 2, *TINY, "trainer.max_steps=6", env={"MEGAFORGE_FAULT_INJECT": "1:2:SIGTERM"}, timeout=120)
+    assert out.returncode != 0  # torchrun reports its workers' exit code 75 as a failure of its own
+    assert "rank 1 received SIGTERM" in out.stderr and "exitcode  : 75" in out.stderr + out.stdout
+    step = run / "checkpoints" / "step_3"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_3"
+    assert sorted(p.name for p in step.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert json.loads((step / "trainer_state.json").read_text())["layout"] == {"tp": 1, "pp": 1, "dp": 2}
+    train_ok(run, 2, *TINY, "trainer.max_steps=6")
+    assert len(losses(run)) == 6 and (run / "checkpoints" / "latest").read_text().strip() == "step_6"

@@ -4,10 +4,14 @@ Layout of one checkpoint::
 
     step_<N>/.metadata, __*_*.distcp     DCP shards of {"model": ..., "optim": ...}
     step_<N>/trainer_state.json          step, consumed samples, layout, loss scale, ...
+    step_<N>/checksums.json              size and SHA-256 of each file above (toolkit.checkpoint.integrity)
     latest                               the name of the last complete checkpoint
 
 A save goes to ``step_<N>.tmp/``, is fsynced, then renamed; ``latest`` moves (write + rename) only
-after that, so a run killed at any moment resumes from its last complete checkpoint. Keys are the
+after that, so a run killed at any moment resumes from its last complete checkpoint. A save that
+fails (disk full, permissions) removes its ``.tmp`` folder and leaves the earlier checkpoints and
+``latest`` as they were. Loading checks the checksums first; a resume passes over a damaged
+checkpoint to the newest intact one. Keys are the
 single-device parameter names whatever the parallel layout, so any layout loads into any other.
 """
 
@@ -24,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -32,12 +37,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from toolkit.checkpoint.integrity import find_damage, write_checksums
 from toolkit.checkpoint.reshard import apply_padding_fixes, prepare_padding_fixes, saved_tensor_shapes
 from toolkit.errors import CheckpointError
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
 BEST = "best"  # the fine-tuning checkpoint with the best validation metric (model weights only)
+OLD = ".old"  # suffix of a checkpoint folder being replaced by a new one of the same name
 
 # DCP warns that it runs without a process group; that is the single-process case, on purpose.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -78,6 +85,19 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename folder ``src`` to ``dst``, replacing it; a crash at any moment leaves one of the two
+    complete under its name or as ``dst.old`` (which :meth:`CheckpointManager.clean_partial` restores)."""
+    if dst.exists():
+        old = dst.with_name(dst.name + OLD)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
 def is_complete(path: Path) -> bool:
     return (path / ".metadata").is_file() and (path / TRAINER_STATE).is_file()
 
@@ -93,9 +113,10 @@ def read_trainer_state(path: Path) -> dict:
 class CheckpointManager:
     """Saves and finds checkpoints under ``folder`` (normally ``run_dir/checkpoints``)."""
 
-    def __init__(self, folder: str | Path, *, keep_last: int = 2):
+    def __init__(self, folder: str | Path, *, keep_last: int = 2, verify_hashes: bool = True):
         self.folder = Path(folder)
         self.keep_last = max(1, keep_last)
+        self.verify_hashes = verify_hashes  # compare SHA-256 before loading (sizes are always compared)
 
     # ---- finding -------------------------------------------------------------------------
     def latest(self) -> Path | None:
@@ -111,11 +132,44 @@ class CheckpointManager:
             )
         return path
 
+    def damage(self, path: Path) -> list[str]:
+        """Collective: what is wrong with checkpoint ``path`` (see :func:`find_damage`); empty if intact."""
+        if not is_complete(path):
+            return [f"{path.name} is incomplete (no .metadata or {TRAINER_STATE})"]
+        return find_damage(path, hashes=self.verify_hashes)
+
+    def steps(self) -> list[Path]:
+        """The ``step_N`` folders, newest first."""
+        found = [p for p in self.folder.glob("step_*") if p.is_dir() and _step_of(p) >= 0]
+        return sorted(found, key=_step_of, reverse=True)
+
+    def latest_intact(self) -> tuple[Path | None, list[str]]:
+        """Collective: the checkpoint to resume from — the one ``latest`` names when it is intact, else
+        the newest intact one before it — and one note per damaged checkpoint passed over. (None, [])
+        when nothing was saved yet; a :class:`CheckpointError` when every checkpoint is damaged."""
+        pointer = self.folder / LATEST
+        if not pointer.is_file():
+            return None, []
+        named = self.folder / pointer.read_text().strip()
+        limit = _step_of(named) if _step_of(named) >= 0 else float("inf")
+        notes = []
+        for path in [named, *(p for p in self.steps() if _step_of(p) < limit)]:
+            damage = self.damage(path)
+            if not damage:
+                return path, notes
+            notes.append(f"{path.name}: {_summary(damage)}")
+        raise CheckpointError(f"no intact checkpoint in {self.folder} ({'; '.join(notes)}); restore the damaged "
+                              f"files, or move {self.folder} away to start the run over")
+
     def clean_partial(self) -> None:
-        """Remove leftovers of a save that was interrupted (rank 0 only)."""
+        """Remove leftovers of a save that was interrupted (rank 0 only); a replaced folder whose
+        successor never arrived (``best.old`` without ``best``) is put back."""
         if _rank() == 0 and self.folder.is_dir():
             for tmp in self.folder.glob("*.tmp"):
                 shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            for old in self.folder.glob(f"*{OLD}"):
+                current = old.with_name(old.name[: -len(OLD)])
+                shutil.rmtree(old, ignore_errors=True) if current.exists() else os.replace(old, current)
         _barrier()
 
     # ---- saving --------------------------------------------------------------------------
@@ -149,40 +203,63 @@ class CheckpointManager:
     def _write(self, name: str, model, optimizer, trainer_state: dict[str, Any], *, process_group=None) -> Path:
         final = self.folder / name
         tmp = self.folder / f"{name}.tmp"
-        if _rank() == 0:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        _barrier()
-        state = app_state(model, optimizer)
-        dcp.save(state, checkpoint_id=str(tmp), process_group=process_group)
-        _barrier()
-        if _rank() == 0:
-            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
-            _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.folder)
+        try:
+            if _rank() == 0:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            _barrier()
+            state = app_state(model, optimizer)
+            dcp.save(state, checkpoint_id=str(tmp), process_group=process_group)
+            _barrier()
+            if _rank() == 0:
+                (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+            _barrier()
+            write_checksums(tmp)  # collective: each rank hashes a slice, rank 0 writes checksums.json
+            if _rank() == 0:
+                _fsync_tree(tmp)
+                _replace_dir(tmp, final)
+                _fsync_dir(self.folder)
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            pointer = self.folder / LATEST
+            kept = f"{LATEST} still names {pointer.read_text().strip()}" if pointer.is_file() else "none was saved before"
+            try:
+                free = f" ({shutil.disk_usage(self.folder).free / 2**20:.0f} MiB free there)"
+            except OSError:
+                free = ""
+            raise CheckpointError(f"could not save checkpoint {final}{free}: {_first_line(e)}; the earlier checkpoints are "
+                                  f"untouched ({kept}); free disk space or fix the folder's permissions, then run "
+                                  "the same command to continue") from None
         return final
 
     def _prune(self, keep: Path) -> None:
-        steps = sorted((p for p in self.folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
-                       key=lambda p: int(p.name.split("_")[1]))
-        for old in steps[: max(0, len(steps) - self.keep_last)]:
+        # newer folders than ``keep`` (a damaged checkpoint a resume passed over) are replaced as the run
+        # reaches their step again; the count covers the checkpoints up to ``keep``
+        for old in [p for p in self.steps() if _step_of(p) <= _step_of(keep)][self.keep_last:]:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
     # ---- loading -------------------------------------------------------------------------
     def load(self, path: Path, model: nn.Module | Sequence[nn.Module],
              optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
-             *, process_group=None, partial: bool = False, skip: Sequence[str] = ()) -> dict:
+             *, process_group=None, partial: bool = False, skip: Sequence[str] = (), verified: bool = False) -> dict:
         """Load model (and optimizer) state in place from ``path``; returns its trainer state.
+
+        The files are checked against the checkpoint's checksums first (unless ``verified``: the
+        caller did); a damaged checkpoint is a :class:`CheckpointError` naming the damage and the
+        intact checkpoints beside it.
 
         ``partial``: load the model tensors the checkpoint has and leave the others as they are (a
         fine-tuning head on a pretrained encoder), and also those whose names start with a prefix in
         ``skip`` (a fine-tuned head for another task); their names are returned under ``"not_loaded"``.
         """
+        if not verified and (damage := self.damage(path)):
+            intact = [p.name for p in CheckpointManager(path.parent, verify_hashes=self.verify_hashes).steps()
+                      if p != path and not self.damage(p)]
+            raise CheckpointError(f"checkpoint {path} is damaged: {_summary(damage)}; intact checkpoints beside it: "
+                                  f"{', '.join(intact) or 'none'} (pass one of them instead)")
         trainer_state = read_trainer_state(path)
         state = app_state(model, optimizer)
         not_loaded: list[str] = []
@@ -203,6 +280,16 @@ class CheckpointManager:
         set_app_state(model, optimizer, state, strict=not partial)
         trainer_state["not_loaded"] = not_loaded
         return trainer_state
+
+
+def _step_of(path: Path) -> int:
+    """N of a ``step_N`` folder; -1 for any other name."""
+    head, _, number = path.name.partition("_")
+    return int(number) if head == "step" and number.isdigit() else -1
+
+
+def _summary(damage: list[str]) -> str:
+    return damage[0] + (f" (and {len(damage) - 1} more)" if len(damage) > 1 else "")
 
 
 def _vocab_size(model) -> int | None:

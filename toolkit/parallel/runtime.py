@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Collection
@@ -31,7 +32,8 @@ from toolkit.parallel.tensor import local_value, loss_context
 logger = logging.getLogger(__name__)
 
 # Test hook: "RANK:STEP" makes that rank exit abruptly before that step; "RANK:STEP:hang" makes it
-# stop answering collectives instead (the others must then end on the collective timeout).
+# stop answering collectives instead (the others must then end on the collective timeout);
+# "RANK:STEP:raise" makes it raise; "RANK:STEP:SIGTERM" (any signal name) sends that signal to itself.
 FAULT_ENV = "MEGAFORGE_FAULT_INJECT"
 
 
@@ -130,6 +132,15 @@ class ParallelRuntime:
             value = value / self.dims.dp
         return value
 
+    def any_rank(self, *flags: bool) -> list[bool]:
+        """Each flag OR-ed over every rank (one small all-reduce), so all ranks take the same decision
+        (skip a non-finite step, stop on a signal one rank received)."""
+        if self.mesh is None:
+            return [bool(f) for f in flags]
+        t = torch.tensor([float(f) for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
     def barrier(self) -> None:
         if self.mesh is not None:
             dist.barrier()
@@ -147,6 +158,11 @@ class ParallelRuntime:
                 logger.warning(f"megaforge: rank {self.rank}: {FAULT_ENV}={spec} at step {step}")
                 if mode == ["hang"]:
                     time.sleep(3600)
+                if mode == ["raise"]:
+                    raise RuntimeError(f"{FAULT_ENV}: injected failure on rank {self.rank} at step {step}")
+                if mode and mode[0].startswith("SIG"):
+                    os.kill(os.getpid(), getattr(signal, mode[0]))
+                    return
                 os._exit(1)
 
 

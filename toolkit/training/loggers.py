@@ -24,7 +24,9 @@ class MetricsFile:
     """Appends one JSON object per logged step to ``run_dir/metrics.jsonl``.
 
     On resume, lines from steps after the resumed checkpoint (written before the run was killed)
-    are dropped, so the file always describes one uninterrupted run.
+    are dropped, so the file always describes one uninterrupted run. Every line is strict JSON: a
+    value that is not finite is written as the string ``"nan"``, ``"inf"`` or ``"-inf"`` (which
+    Python's ``float()`` reads back).
     """
 
     def __init__(self, run_dir: Path, resume_step: int = 0):
@@ -36,7 +38,12 @@ class MetricsFile:
 
     def log(self, record: dict) -> None:
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+
+
+def json_safe(record: dict) -> dict:
+    """``record`` with non-finite floats as the strings "nan", "inf", "-inf" (strict JSON)."""
+    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
 class WandbLogger:
@@ -108,8 +115,8 @@ def plot_losses(run_dir: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    valid = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train = [(r["step"], float(r["loss"])) for r in records if "loss" in r]
+    valid = [(r["step"], float(r["val_loss"])) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     if train:
         ax.plot(*zip(*train), label="train loss")

@@ -189,6 +189,8 @@ def _train(cfg: RunConfig, runtime: ParallelRuntime, *, fresh_head: bool = False
             where = f"{where}, {pipeline.schedule} schedule over {pipeline.num_stages} stages"
         logger.info(f"megaforge: training {cfg.name} ({n_params / 1e6:.2f}M parameters) on {where} → {run_dir}")
     result = trainer.fit()
+    if result.preempted:
+        return result
     if t.sample_prompt and runtime.dims.tp > 1:
         if runtime.is_logging_rank:
             logger.info("megaforge: end-of-run sample skipped under tensor parallelism; run "

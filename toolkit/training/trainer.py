@@ -12,8 +12,11 @@ reseeded from (seed, step), and the sampler restarts at the consumed sample coun
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 from toolkit.checkpoint import CheckpointManager
 from toolkit.config import RunConfig, to_yaml
 from toolkit.data.sampler import PretrainingSampler
+from toolkit.errors import TrainingDiverged
 from toolkit.optim import lr_at, set_lr
 from toolkit.parallel.pipeline import Pipeline
 from toolkit.parallel.runtime import ParallelRuntime
@@ -75,6 +79,8 @@ class TrainResult:
     val_loss: float | None = None
     metrics_path: Path | None = None
     plot_path: Path | None = None
+    preempted: str | None = None  # the signal that stopped the run early (a checkpoint was saved), if any
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient norm (this process)
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -117,25 +123,33 @@ class Trainer:
         self.dp_rank, self.dp_size = runtime.dp_rank, runtime.dims.dp
         self.is_logging_rank = runtime.is_logging_rank
         self.precision = Precision(cfg.trainer.precision, self.device, initial_loss_scale=cfg.trainer.initial_loss_scale)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+                                             verify_hashes=cfg.checkpoint.verify_hashes)
         self.num_microbatches = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * self.dp_size)
         self.state = TrainState()
         self.evaluator, self.metric_for_best = evaluator, metric_for_best
         self.finetuning = cfg.task.type != "none"  # a task head on a pretrained encoder
         self.best: float | None = None  # best value of metric_for_best so far
         self.fresh_head = fresh_head
+        self.skipped_in_a_row = 0  # consecutive steps skipped for a non-finite loss or gradient norm
+        self.skipped_total = 0
+        self.signal_received: str | None = None  # set by the SIGTERM / trainer.exit_signal handler
+        self.stop_signal: str | None = None  # a signal any rank received, agreed at the end of a step
 
     # ---- checkpoints ---------------------------------------------------------------------
     def resume(self) -> bool:
         """Load the last complete checkpoint of the run directory, if any. True when resumed."""
         self.checkpoints.clean_partial()
-        latest = self.checkpoints.latest() if self.ckpt_cfg.resume else None
+        latest, passed_over = self.checkpoints.latest_intact() if self.ckpt_cfg.resume else (None, [])
+        if passed_over and self.is_logging_rank:
+            logger.warning(f"megaforge: warning: damaged checkpoint passed over ({'; '.join(passed_over)}); "
+                           f"resuming from {latest.name}")
         best = self.checkpoints.best_state() if latest is not None else None
         self.best = best.get("best_metric") if best else None
         if latest is None:
             self._load_init_from()
             return False
-        state = self.checkpoints.load(latest, self.model_parts, self.optimizers.optimizers)
+        state = self.checkpoints.load(latest, self.model_parts, self.optimizers.optimizers, verified=True)
         self.state = TrainState(step=int(state["step"]), consumed_samples=int(state["consumed_samples"]))
         self.precision.load_state_dict(state.get("precision", {}))
         if self.is_logging_rank:
@@ -162,6 +176,14 @@ class Trainer:
             logger.info(f"initialized the weights from {source}{padded}{fresh_note}")
 
     def save(self) -> Path:
+        """Write ``step_<N>`` (collective). Weights that are not finite are never saved: the run stops
+        with :class:`TrainingDiverged` and ``latest`` keeps naming the last good checkpoint."""
+        bad = [name for part in self.model_parts for name, p in part.named_parameters()
+               if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())]
+        if self.runtime.any_rank(bool(bad))[0]:
+            where = bad[0] if bad else "on another rank"
+            raise TrainingDiverged(f"the weights are not finite at step {self.state.step} ({where}); not saved. "
+                                   f"{self._last_good()}")
         trainer_state = {
             "step": self.state.step,
             "consumed_samples": self.state.consumed_samples,
@@ -170,6 +192,38 @@ class Trainer:
             "seed": self.cfg.seed,
         }
         return self.checkpoints.save(self.state.step, self.model_parts, self.optimizers.optimizers, trainer_state)
+
+    def _last_good(self) -> str:
+        """Where the user goes back to after a divergence: the last checkpoint ``latest`` names."""
+        pointer = self.checkpoints.folder / "latest"
+        if pointer.is_file():
+            return (f"The last good checkpoint is {self.checkpoints.folder / pointer.read_text().strip()}: lower "
+                    "optim.lr or set optim.clip_grad, then run the same command to resume from it")
+        return "No checkpoint was saved before: lower optim.lr or set optim.clip_grad and start again"
+
+    # ---- signals -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """While training, SIGTERM (and ``trainer.exit_signal``) only set a flag: the current step
+        finishes, the ranks agree (:meth:`_optimizer_step`), a checkpoint is saved and the run exits."""
+        names = ["SIGTERM", *([self.cfg.exit_signal] if self.cfg.exit_signal else [])]
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, _frame):
+            name = signal.Signals(signum).name
+            if self.signal_received is None:
+                self.signal_received = name
+                logger.warning(f"megaforge: rank {self.runtime.rank} received {name}: saving a checkpoint after "
+                               "this step, then exiting")
+
+        previous = {name: signal.signal(getattr(signal, name), handler) for name in dict.fromkeys(names)}
+        try:
+            yield
+        finally:
+            for name, old in previous.items():
+                signal.signal(getattr(signal, name), old)
 
     # ---- data ----------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, consumed: int, total: int) -> DataLoader:
@@ -183,8 +237,9 @@ class Trainer:
         return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     # ---- one step ------------------------------------------------------------------------
-    def train_step(self, batches) -> tuple[float, float]:
-        """Forward/backward over the micro-batches of one global batch, then one optimizer step."""
+    def train_step(self, batches) -> tuple[float, float, bool]:
+        """Forward/backward over the micro-batches of one global batch, then one optimizer step
+        (skipped when the loss or gradient norm is not finite): (loss, gradient norm, skipped)."""
         # dropout differs across data-parallel ranks and pipeline stages (rank 0 keeps the
         # single-process stream; the tensor-parallel ranks of a stage share theirs)
         torch.manual_seed(step_seed(self.cfg.seed, self.state.step) + self.dp_rank
@@ -192,11 +247,11 @@ class Trainer:
         set_lr(self.optimizers, lr_at(self.state.step, self.optim_cfg, self.cfg.max_steps))
         if self.pipeline is not None:
             loss = self._pipeline_forward_backward(batches)
-            grad_norm = self._optimizer_step(exclude_from_norm=self.pipeline.norm_exclusions())
+            grad_norm, skipped = self._optimizer_step(loss, exclude_from_norm=self.pipeline.norm_exclusions())
         else:
             loss = self._forward_backward(batches)
-            grad_norm = self._optimizer_step()
-        return loss, grad_norm
+            grad_norm, skipped = self._optimizer_step(loss)
+        return loss, grad_norm, skipped
 
     def _forward_backward(self, batches) -> float:
         """Each micro-batch through the objective; gradients reduced over dp after the last one."""
@@ -225,19 +280,28 @@ class Trainer:
         pipe.sync_shared_grads()  # tied embeddings: first and last stage sum their gradients
         return self._pipeline_mean(losses, scale=scale)
 
-    def _optimizer_step(self, exclude_from_norm=()) -> float:
-        """Unscale (fp16), clip to the global gradient norm, step and zero the gradients; the norm."""
+    def _optimizer_step(self, loss: float, exclude_from_norm=()) -> tuple[float, bool]:
+        """Unscale (fp16), clip to the global gradient norm, step and zero the gradients: (norm, skipped).
+
+        A non-finite loss or gradient norm skips the update on every rank (fp16: an overflow in the
+        gradients is the loss scaler's to skip and count; a non-finite loss is ours). The same
+        all-reduce shares whether any rank received a stop signal."""
         scaler = self.precision.scaler
         scaler.unscale_(self.optimizers)
         if scaler.is_enabled():  # fp16: every rank skips the step if any saw inf
             self.runtime.sync_found_inf(scaler, self.optimizers)
         params = [p for part in self.model_parts for p in part.parameters() if p.grad is not None]
         clip = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad > 0 else float("inf")
-        grad_norm = self.runtime.clip_grad_norm_(params, clip, exclude_from_norm=exclude_from_norm)
-        scaler.step(self.optimizers)
+        grad_norm = float(self.runtime.clip_grad_norm_(params, clip, exclude_from_norm=exclude_from_norm))
+        non_finite = not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(grad_norm))
+        skip, stop = self.runtime.any_rank(non_finite, self.signal_received is not None)
+        if stop and self.stop_signal is None:
+            self.stop_signal = self.signal_received or "a signal on another rank"
+        if not skip:
+            scaler.step(self.optimizers)
         scaler.update()
         self.optimizers.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return grad_norm, skip
 
     def _pipeline_batch(self, micro_batches: list[dict]) -> tuple[tuple, dict, torch.Tensor]:
         """Micro-batches stacked along dim 0 (the schedule splits them again), as (args, kwargs, target)."""
@@ -292,6 +356,8 @@ class Trainer:
         if self.metric_for_best not in scores:
             return
         value = float(scores[self.metric_for_best])
+        if not math.isfinite(value):
+            return
         lower_is_better = self.metric_for_best in ("mse", "loss")
         if self.best is None or (value < self.best if lower_is_better else value > self.best):
             self.best = value
@@ -301,8 +367,26 @@ class Trainer:
                 logger.info(f"step {self.state.step}: {self.metric_for_best}={value:.4f}, the best so far → "
                             f"{self.checkpoints.folder / 'best'}")
 
+    def _on_skipped_step(self, loss: float, grad_norm: float, record: dict, metrics) -> None:
+        """Log a step whose update was skipped; after ``trainer.max_skipped_steps`` in a row, stop."""
+        step, limit = self.state.step, self.cfg.max_skipped_steps
+        if self.is_logging_rank:
+            logger.warning(f"megaforge: warning: step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: not "
+                           f"finite, update skipped ({self.skipped_in_a_row} in a row; the run stops at "
+                           f"trainer.max_skipped_steps={limit})")
+        if self.skipped_in_a_row >= limit:
+            if metrics is not None:
+                metrics.log(record)
+            raise TrainingDiverged(f"training diverged: the loss or gradient norm was not finite for {limit} steps in "
+                                   f"a row (steps {step - limit + 1}-{step}); stopped without saving. "
+                                   f"{self._last_good()}")
+
     # ---- the loop ------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        with self._stop_signals():
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         self.resume()
         cfg = self.cfg
         total_samples = cfg.max_steps * cfg.global_batch_size
@@ -323,7 +407,7 @@ class Trainer:
         while self.state.step < cfg.max_steps:
             self.runtime.fault_hook(self.state.step)
             start = time.perf_counter()
-            loss, grad_norm = self.train_step(batches)
+            loss, grad_norm, skipped = self.train_step(batches)
             elapsed = time.perf_counter() - start
             lr = lr_at(self.state.step, self.optim_cfg, cfg.max_steps)
             self.state.step += 1
@@ -336,6 +420,12 @@ class Trainer:
                                       "consumed_samples": self.state.consumed_samples}
             if self.precision.scaler.is_enabled():
                 record["loss_scale"] = float(self.precision.scaler.get_scale())
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+            self.skipped_total += skipped
+            if self.skipped_total:
+                record.update(skipped=skipped, skipped_steps=self.skipped_total)
+            if skipped:
+                self._on_skipped_step(loss, grad_norm, record, metrics)
             last = self.state.step == cfg.max_steps
             if cfg.eval_interval > 0 and (self.state.step % cfg.eval_interval == 0 or last):
                 val = self.evaluate()
@@ -356,15 +446,21 @@ class Trainer:
             bar.update(1)
             save_every = self.ckpt_cfg.save_interval
             exiting = bool(cfg.exit_interval) and self.state.step % cfg.exit_interval == 0 and not last
-            if last or exiting or (save_every > 0 and self.state.step % save_every == 0):
+            signalled = self.stop_signal is not None and not last
+            # no periodic save while updates are being skipped: the weights are the last good step's anyway,
+            # and saving them again would only rotate good checkpoints out (keep_last)
+            periodic = save_every > 0 and self.state.step % save_every == 0 and not self.skipped_in_a_row
+            if last or exiting or signalled or periodic:
                 self.save()
-            if exiting:
+            if exiting or signalled:
+                why = f"{self.stop_signal} received" if signalled else f"exit_interval={cfg.exit_interval}"
                 if self.is_logging_rank:
-                    logger.info(f"exit_interval={cfg.exit_interval}: stopping at step {self.state.step}; run the "
-                                "same command again to continue")
+                    logger.info(f"{why}: saved and stopping at step {self.state.step}; run the same command again "
+                                "to continue")
+                result.preempted = self.stop_signal if signalled else None
                 break
         bar.close()
-        result.steps = self.state.step
+        result.steps, result.skipped_steps = self.state.step, self.skipped_total
         if self.is_logging_rank:
             result.metrics_path = metrics.path
             if self.log_cfg.plot:
