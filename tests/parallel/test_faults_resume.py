@@ -58,3 +58,29 @@ def test_signal_on_one_rank_saves_on_every_rank(tmp_path: Path):
     assert json.loads((step / "trainer_state.json").read_text())["layout"] == {"tp": 1, "pp": 1, "dp": 2}
     train_ok(run, 2, *TINY, "trainer.max_steps=6")
     assert len(losses(run)) == 6 and (run / "checkpoints" / "latest").read_text().strip() == "step_6"
+
+
+def test_rank_death_during_checkpoint_save(tmp_path: Path):
+    """Rank 1 dies inside the save of step_2, its shard written and rank 0 waiting: the job ends within
+    the timeout, and what was saved before is intact."""
+    from toolkit.checkpoint import CheckpointManager
+
+    run, start = tmp_path / "run", time.monotonic()
+    out = launch(run, 2, *TINY, "trainer.max_steps=50", "checkpoint.save_interval=1",
+                 env={"MEGAFORGE_FAULT_INJECT": "1:2:exit:save"}, timeout=120)
+    assert out.returncode != 0 and time.monotonic() - start < 60
+    assert "rank 1" in out.stdout + out.stderr
+    ckpts = CheckpointManager(run / "checkpoints")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_1"
+    assert not (run / "checkpoints" / "step_2").exists() and ckpts.damage(run / "checkpoints" / "step_1") == []
+
+
+def test_rank_raising_inside_pipeline_schedule(tmp_path: Path):
+    """Rank 1 (the last stage) raises inside its forward, mid-schedule: the job ends within the
+    timeout, each rank's cause on one line."""
+    start = time.monotonic()
+    out = launch(tmp_path / "run", 2, *TINY, "parallel.pipeline_model_parallel_size=2", "trainer.max_steps=50",
+                 "parallel.timeout_seconds=20", env={"MEGAFORGE_FAULT_INJECT": "1:2:raise:forward"}, timeout=120)
+    assert out.returncode != 0 and time.monotonic() - start < 60
+    assert "megaforge: rank 1 failed: RuntimeError: MEGAFORGE_FAULT_INJECT: injected failure" in out.stderr
+    assert "megaforge: rank 0 failed:" in out.stderr

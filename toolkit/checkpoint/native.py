@@ -175,12 +175,14 @@ class CheckpointManager:
     # ---- saving --------------------------------------------------------------------------
     def save(self, step: int, model: nn.Module | Sequence[nn.Module],
              optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
-             trainer_state: dict[str, Any], *, process_group=None) -> Path:
+             trainer_state: dict[str, Any], *, process_group=None, after_write=None) -> Path:
         """Collective over all ranks: write ``step_<step>`` atomically and move ``latest`` to it.
 
         ``model``/``optimizer``: one module and its optimizer, or this rank's pipeline stage modules
-        and one optimizer per stage module (see :func:`app_state`)."""
-        final = self._write(f"step_{step}", model, optimizer, trainer_state, process_group=process_group)
+        and one optimizer per stage module (see :func:`app_state`). ``after_write``: called on each
+        rank once its shards are written (a test hook for faults mid-save)."""
+        final = self._write(f"step_{step}", model, optimizer, trainer_state, process_group=process_group,
+                            after_write=after_write)
         if _rank() == 0:
             _write_atomic(self.folder / LATEST, final.name)
             self._prune(keep=final)
@@ -200,7 +202,8 @@ class CheckpointManager:
         path = self.folder / BEST
         return read_trainer_state(path) if is_complete(path) else None
 
-    def _write(self, name: str, model, optimizer, trainer_state: dict[str, Any], *, process_group=None) -> Path:
+    def _write(self, name: str, model, optimizer, trainer_state: dict[str, Any], *, process_group=None,
+               after_write=None) -> Path:
         final = self.folder / name
         tmp = self.folder / f"{name}.tmp"
         try:
@@ -211,6 +214,8 @@ class CheckpointManager:
             _barrier()
             state = app_state(model, optimizer)
             dcp.save(state, checkpoint_id=str(tmp), process_group=process_group)
+            if after_write is not None:
+                after_write()
             _barrier()
             if _rank() == 0:
                 (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))

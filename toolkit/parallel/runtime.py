@@ -31,9 +31,12 @@ from toolkit.parallel.tensor import local_value, loss_context
 
 logger = logging.getLogger(__name__)
 
-# Test hook: "RANK:STEP" makes that rank exit abruptly before that step; "RANK:STEP:hang" makes it
-# stop answering collectives instead (the others must then end on the collective timeout);
-# "RANK:STEP:raise" makes it raise; "RANK:STEP:SIGTERM" (any signal name) sends that signal to itself.
+# Test hook, "RANK:STEP[:ACTION[:PHASE]]": at step STEP (0-based: before that many steps are done), rank
+# RANK acts — ACTION exit (the default: os._exit(1), as kill -9 would end it), hang (stops answering
+# collectives; the others must end on the collective timeout), raise (an exception), or a signal name
+# (SIGTERM: sent to itself) — at PHASE step (the start of the step, the default), forward (inside its
+# forward pass, within the pipeline schedule under pp) or save (inside the save of checkpoint step_STEP,
+# once its own shards are written).
 FAULT_ENV = "MEGAFORGE_FAULT_INJECT"
 
 
@@ -150,20 +153,43 @@ class ParallelRuntime:
         if self.mesh is not None:
             destroy()
 
-    def fault_hook(self, step: int) -> None:
+    def fault_hook(self, step: int, phase: str = "step", parts: list[nn.Module] = ()) -> None:
+        """The test hook of ``MEGAFORGE_FAULT_INJECT`` (see :data:`FAULT_ENV`): called by the trainer at
+        each phase of a step — ``step`` (its start), ``save`` (inside a checkpoint save, after this
+        rank's shards are written) — and acting when rank, step and phase match. Phase ``forward``
+        arms a one-shot hook that acts inside this rank's next forward (within the pipeline schedule
+        when pp > 1); it is armed at the step's start, so give ``parts``."""
         spec = os.environ.get(FAULT_ENV)
-        if spec:
-            rank, at, *mode = spec.split(":")
-            if int(rank) == self.rank and step == int(at):
-                logger.warning(f"megaforge: rank {self.rank}: {FAULT_ENV}={spec} at step {step}")
-                if mode == ["hang"]:
-                    time.sleep(3600)
-                if mode == ["raise"]:
-                    raise RuntimeError(f"{FAULT_ENV}: injected failure on rank {self.rank} at step {step}")
-                if mode and mode[0].startswith("SIG"):
-                    os.kill(os.getpid(), getattr(signal, mode[0]))
-                    return
-                os._exit(1)
+        if not spec:
+            return
+        rank, at, *rest = spec.split(":")
+        action, where = (rest[0] if rest else "exit"), (rest[1] if len(rest) > 1 else "step")
+        if int(rank) != self.rank or step != int(at):
+            return
+        if where == "forward" and phase == "step":
+            handles = []
+
+            def pre_hook(_module, _args):
+                for h in handles:
+                    h.remove()
+                self._inject(spec, action, step)
+
+            handles.extend(part.register_forward_pre_hook(pre_hook) for part in parts)
+        elif where == phase:
+            self._inject(spec, action, step)
+
+    def _inject(self, spec: str, action: str, step: int) -> None:
+        logger.warning(f"megaforge: rank {self.rank}: {FAULT_ENV}={spec} at step {step}")
+        if action == "hang":  # blocked in a receive no rank answers, as a rank stuck in a collective is
+            if dist.is_initialized():
+                dist.recv(torch.zeros(1, device=self.device), src=(self.rank + 1) % dist.get_world_size())
+            time.sleep(3600)
+        if action == "raise":
+            raise RuntimeError(f"{FAULT_ENV}: injected failure on rank {self.rank} at step {step}")
+        if action.startswith("SIG"):
+            os.kill(os.getpid(), getattr(signal, action))
+            return
+        os._exit(1)
 
 
 def setup(cfg: RunConfig, device: torch.device) -> ParallelRuntime:

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from toolkit.config import RunConfig, save_config, validate
 from toolkit.convert.init_from import adopt_source_config, adopt_source_task, resolve_init_from
 from toolkit.data.corpus import corpus_prefix
-from toolkit.errors import ConfigError
+from toolkit.errors import ConfigError, first_line
 from toolkit.generation import generate_text
 from toolkit.models.build import build_initialized_model
 from toolkit.optim import build_optimizer
@@ -117,8 +117,10 @@ def train(cfg: RunConfig) -> TrainResult:
         return _train(cfg, runtime, fresh_head=fresh_head)
     except BaseException as e:
         if runtime.dims.world_size > 1:
-            logger.error(f"megaforge: rank {runtime.rank} failed: {type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[:1]}")
+            cause = e  # the root of a chain (the pipeline schedule wraps a stage's error in its own)
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            logger.error(f"megaforge: rank {runtime.rank} failed: {type(cause).__name__}: {first_line(cause)}")
         raise
     finally:
         runtime.close()

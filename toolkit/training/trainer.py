@@ -191,7 +191,8 @@ class Trainer:
             "precision": self.precision.state_dict(),
             "seed": self.cfg.seed,
         }
-        return self.checkpoints.save(self.state.step, self.model_parts, self.optimizers.optimizers, trainer_state)
+        return self.checkpoints.save(self.state.step, self.model_parts, self.optimizers.optimizers, trainer_state,
+                                     after_write=lambda: self.runtime.fault_hook(self.state.step, "save"))
 
     def _last_good(self) -> str:
         """Where the user goes back to after a divergence: the last checkpoint ``latest`` names."""
@@ -405,7 +406,7 @@ class Trainer:
             part.train()
         tokens_per_step = cfg.global_batch_size * self.seq_length
         while self.state.step < cfg.max_steps:
-            self.runtime.fault_hook(self.state.step)
+            self.runtime.fault_hook(self.state.step, parts=self.model_parts)
             start = time.perf_counter()
             loss, grad_norm, skipped = self.train_step(batches)
             elapsed = time.perf_counter() - start
