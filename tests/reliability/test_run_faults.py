@@ -4,23 +4,32 @@ command ends bitwise equal to an uninterrupted run."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import random
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import assert_bitwise_same_run, final_weights, run_cli
+from tests.conftest import REPO, assert_bitwise_same_run, final_weights, run_cli
 from toolkit.errors import PREEMPTED_EXIT_CODE, TrainingDiverged
 
-SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.seq_length=64",
-         "trainer.micro_batch_size=4", "trainer.global_batch_size=8", "trainer.eval_interval=0",
-         "logging.wandb.enabled=false", "logging.progress_bar=false", "logging.plot=false", "trainer.num_threads=1",
-         "trainer.sample_prompt=null", "model.hidden_dropout=0.1", "trainer.max_steps=12",
-         "checkpoint.save_interval=4"]
+
+def _load_soak():
+    """benchmarks/kill_soak.py (a script, not a package): its run shape and kill cycle."""
+    spec = importlib.util.spec_from_file_location("kill_soak", REPO / "benchmarks" / "kill_soak.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+soak = _load_soak()
+SMALL = soak.SMALL  # 12 steps of a shrunk gpt-tiny, checkpoints every 4
 
 
 def train(run: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -80,6 +89,16 @@ def test_sigterm_saves_exits_75_and_resumes_bitwise(straight: Path, tmp_path: Pa
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_6"
     out = train(run)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert_bitwise_same_run(run, straight)
+
+
+def test_kill_9_cycle_resumes_bitwise(straight: Path, tmp_path: Path):
+    """Three SIGKILLs at random moments (start-up, steps or saves), each followed by the same command:
+    the run ends bitwise equal to the uninterrupted one (benchmarks/kill_soak.py --kills N for soaks)."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "toolkit", "train", "gpt-tiny", *SMALL, f"trainer.run_dir={run}"]
+    delivered = soak.kill_cycle(cmd, run, kills=3, max_delay=8.0, rng=random.Random(0), log=lambda _: None)
+    assert delivered >= 1
     assert_bitwise_same_run(run, straight)
 
 
