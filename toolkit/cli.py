@@ -246,9 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", default=None, help="output folder (default: the spec's name under tokenizers/)")
     t.set_defaults(func=_cmd_tokenizer_train)
 
-    s = command("convert", help="convert checkpoints: megaforge ↔ Hugging Face, legacy Megatron-LM → megaforge")
-    s.add_argument("src", help="megaforge run dir or step_N folder, Hugging Face folder or Hub id, or legacy "
-                               "Megatron-LM checkpoint folder (detected automatically)")
+    s = command("convert", help="convert checkpoints: megaforge ↔ Hugging Face, Megatron-LM → megaforge or Hugging Face")
+    s.add_argument("src", help="megaforge run dir or step_N folder, Hugging Face folder or Hub id, or "
+                               "Megatron-LM checkpoint folder, legacy or megatron-core (detected automatically)")
     s.add_argument("out", help="output folder")
     s.add_argument("--to", required=True, choices=["hf", "megaforge"], help="output format")
     s.add_argument("--verify", action="store_true",
@@ -257,9 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="weight dtype written (default: as stored for --to hf, fp32 for --to megaforge)")
     s.add_argument("--tokenizer", default=None,
-                   help="tokenizer to bundle with an import (file, folder or shipped name)")
+                   help="tokenizer to bundle with an import or a Megatron-LM → Hugging Face conversion (file, "
+                        "folder or shipped name)")
     s.add_argument("--vocab-size", type=int, default=None,
-                   help="true vocabulary size of a legacy Megatron checkpoint (padding rows are dropped)")
+                   help="true vocabulary size of a Megatron-LM checkpoint (padding rows are dropped)")
     s.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| for --verify (default 1e-4)")
     s.add_argument("--tensor-parallel", type=int, default=1,
                    help="--to megaforge: lay the checkpoint out for this tensor-parallel size (vocabulary padding, "

@@ -32,7 +32,8 @@ def adapter_for_model_type(model_type: str) -> tuple[FamilyAdapter, HFTarget]:
         target = adapter.target(model_type)
         if target is not None:
             return adapter, target
-        known += [t.model_type for t in adapter.targets if t.model_type not in known]
+        known += [t.model_type for t in adapter.targets]
+    known = list(dict.fromkeys(known))  # targets sharing a model_type (BERT's classes) name it once
     raise CheckpointError(f"Hugging Face model_type {model_type!r} is not supported (supported: {', '.join(known)})")
 
 

@@ -15,31 +15,45 @@ replicated), pipeline stages (and virtual chunks) are stacked by counting their 
 QKV is brought to the per-query-group layout ``[groups, heads/groups + 2, head_dim]`` whatever the
 ``checkpoint_version`` (0: ``[3, heads, head_dim]``, 1.0: ``[heads, head_dim, 3]``, ≥ 2.0 and
 megatron-core: grouped), and the result runs through the family's Megatron template table
-(``FamilyAdapter.megatron_table``, e.g. in ``models/gpt/hf.py``) like the HF converters. Legacy
-(``language_model.encoder.layers.N...``) and megatron-core (``decoder.layers.N...``) names are both
-accepted.
+(``FamilyAdapter.megatron_table``, e.g. in ``models/gpt/hf.py``) like the HF converters. Every
+spelling Megatron-LM has written is accepted — legacy (``language_model.encoder.layers.N...``, the
+older ``transformer.``/``attention.`` and the later ``input_norm``/``final_norm``) and megatron-core
+(``decoder.layers.N...`` for GPT, ``encoder.layers.N...`` for BERT, Transformer Engine's fused norms);
+see :mod:`toolkit.mapping.megatron`. The architecture comes from ``args`` whichever spelling that
+version wrote (``norm_epsilon`` / ``layernorm_epsilon``, ``seq_length`` / ``encoder_seq_length``, …);
+what megaforge cannot hold is refused naming the argument or tensor.
 
 The family comes from the tensors: BERT checkpoints (Megatron-BERT, the format GatorTron was trained
-in) hold ``lm_head.*`` (the masked-LM head; its vocabulary-parallel ``lm_head.bias`` is merged like
-the word embeddings) and, with the sentence-pair head, ``language_model.pooler.*`` and
-``binary_head.*``; they import as our pre-LN BERT.
+in; megatron-core's ``BertModel``) hold the masked-LM head ``lm_head.*`` (its vocabulary-parallel
+bias is ``lm_head.bias``, or ``output_layer.bias`` in megatron-core, merged like the word
+embeddings) and, with the sentence-pair head, the pooler and ``binary_head.*``; they import as our
+pre-LN BERT.
+
+:func:`plan_megatron` reads and checks everything (merged shapes against ``args`` included) before
+anything is written; :func:`import_megatron` writes the megaforge folder; :func:`check_imported_logits`
+is what ``--verify`` adds (there is no reference implementation to compare with).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from toolkit.checkpoint.run_dir import load_megaforge_model
 from toolkit.config import ModelConfig
 from toolkit.convert.adapters import family_adapter
-from toolkit.convert.megaforge_folder import write_megaforge_folder
+from toolkit.convert.megaforge_folder import expected_shapes, write_megaforge_folder
 from toolkit.convert.safe_load import safe_load
 from toolkit.convert.streaming import LazySource, meta_tensor
+from toolkit.convert.verify import VerificationError, our_logits, probe_ids
 from toolkit.errors import CheckpointError
+from toolkit.mapping.megatron import BERT_MARKERS, canonical_megatron_name, unsupported_megatron_tensor
+from toolkit.mapping.tables import MappingContext, Step, TemplateTable
 from toolkit.tokenization import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -53,13 +67,21 @@ _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 
 
 def is_megatron_checkpoint(path: str | Path) -> bool:
+    """A Megatron-LM checkpoint folder or one iteration of it (a distributed one too, which
+    :func:`rank_files` then refuses with what to do)."""
     path = Path(path)
-    return (path / TRACKER).is_file() or any(_RANK_DIR.match(p.name) for p in path.glob("mp_rank_*"))
+    return ((path / TRACKER).is_file() or any(_RANK_DIR.match(p.name) for p in path.glob("mp_rank_*"))
+            or _is_distributed(path))
+
+
+def _is_distributed(folder: Path) -> bool:
+    """megatron-core's distributed format (``--ckpt-format torch_dist`` / ``zarr``): metadata.json + common.pt."""
+    return (folder / "metadata.json").is_file() and (folder / "common.pt").is_file()
 
 
 def iteration_dir(src: Path) -> Path:
     """``src`` itself when it holds ``mp_rank_*`` folders, else the folder the tracker file names."""
-    if any(_RANK_DIR.match(p.name) for p in src.glob("mp_rank_*")):
+    if any(_RANK_DIR.match(p.name) for p in src.glob("mp_rank_*")) or _is_distributed(src):
         return src
     tracker = src / TRACKER
     if not tracker.is_file():
@@ -78,6 +100,10 @@ def iteration_dir(src: Path) -> Path:
 
 def rank_files(folder: Path) -> dict[tuple[int, int], Path]:
     """(tp rank, pp rank) → ``model_optim_rng.pt``, checked to form a full tp × pp grid."""
+    if _is_distributed(folder):
+        raise CheckpointError(f"{folder} is a distributed megatron-core checkpoint (--ckpt-format torch_dist or "
+                              "zarr), which megaforge does not read; have Megatron-LM re-save it per rank "
+                              "(--ckpt-convert-format torch --ckpt-convert-save DIR) and convert that")
     files: dict[tuple[int, int], Path] = {}
     for d in sorted(folder.iterdir()):
         m = _RANK_DIR.match(d.name)
@@ -103,35 +129,20 @@ def rank_files(folder: Path) -> dict[tuple[int, int], Path]:
 
 # ---------------------------------------------------------------------------- names
 
-
-# megatron-core / older legacy spellings → the canonical names used below (order matters)
-_RENAMES: list[tuple[re.Pattern, str]] = [(re.compile(a), b) for a, b in [
-    (r"^language_model\.", ""),
-    (r"^(?:encoder|transformer|decoder)\.(layers\.|final_layernorm\.|final_norm\.)", r"\1"),
-    (r"^final_norm\.", "final_layernorm."),
-    (r"\.attention\.", ".self_attention."),
-    (r"\.self_attention\.linear_qkv\.layer_norm_(weight|bias)$", r".input_layernorm.\1"),
-    (r"\.mlp\.linear_fc1\.layer_norm_(weight|bias)$", r".post_attention_layernorm.\1"),
-    (r"\.linear_qkv\.", ".query_key_value."),
-    (r"\.linear_proj\.", ".dense."),
-    (r"\.pre_mlp_layernorm\.", ".post_attention_layernorm."),
-    (r"\.linear_fc1\.", ".dense_h_to_4h."),
-    (r"\.linear_fc2\.", ".dense_4h_to_h."),
-]]
-_DROP = re.compile(r"(_extra_state$|^word_embeddings_for_head\.|\.inv_freq$)")
+# Every spelling Megatron-LM wrote → canonical names: toolkit.mapping.megatron (MEGATRON_RENAMES)
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
 _COLUMN = ("query_key_value.weight", "query_key_value.bias", "dense_h_to_4h.weight", "dense_h_to_4h.bias",
            "word_embeddings.weight", "output_layer.weight", "lm_head.bias")
 #: canonical names only a BERT checkpoint holds
-_BERT_ONLY = ("lm_head.", "binary_head.", "pooler.", "embedding.tokentype_embeddings.")
+_BERT_ONLY = BERT_MARKERS
 _ROW = ("self_attention.dense.weight", "dense_4h_to_h.weight")
+#: canonical names whose rows are the (padded, vocabulary-parallel) vocabulary
+_VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight", "lm_head.bias")
 
 
-def canonical_name(name: str) -> str | None:
+def canonical_name(name: str, family: str | None = None) -> str | None:
     """A legacy or megatron-core key → the canonical (legacy, prefix-free) key; None to drop it."""
-    for pattern, repl in _RENAMES:
-        name = pattern.sub(repl, name)
-    return None if _DROP.search(name) else name
+    return canonical_megatron_name(name, family=family)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -145,34 +156,102 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def detect_family(names) -> str:
+    """``gpt`` or ``bert`` from canonical tensor names: BERT holds a masked-LM head, a sentence-pair
+    head, a pooler or token-type embeddings."""
+    return "bert" if any(n.startswith(_BERT_ONLY) for n in names) else "gpt"
+
+
+def refuse_unsupported(names: dict[str, str]) -> None:
+    """Refuse, naming the tensor as the checkpoint spells it (``names``: canonical → quoted key),
+    what megaforge cannot import: QK normalization, experts, cross-attention (T5), …"""
+    for name, key in names.items():
+        what = unsupported_megatron_tensor(name)
+        if what is not None:
+            raise CheckpointError(f"tensor {key} belongs to {what}, which megaforge cannot import from Megatron-LM")
+
+
 # ---------------------------------------------------------------------------- config
 
 
 def _arg(args: Any, *names: str, default: Any = None) -> Any:
+    """The first of ``names`` that ``args`` sets (not None): Megatron renamed several over time."""
     for n in names:
-        v = getattr(args, n, None)
+        v = args.get(n) if isinstance(args, dict) else getattr(args, n, None)
         if v is not None:
             return v
     return default
 
 
+def _required(args: Any, *names: str) -> int:
+    v = _arg(args, *names)
+    if v is None:
+        spelled = " or ".join(repr(n) for n in names)
+        raise CheckpointError(f"the checkpoint's args have no {spelled}; megaforge needs it to know the model shape")
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"the checkpoint's args.{names[0]} is {v!r}, not a number") from None
+
+
+#: (argument spellings, value that megaforge cannot import, what it is)
+_UNSUPPORTED_ARGS: list[tuple[tuple[str, ...], Any, str]] = [
+    (("apply_residual_connection_post_layernorm", "apply_residual_connection_post_norm"), True,
+     "post-LN residuals"),
+    (("apply_layernorm_1p",), True, "LayerNorm 1p (zero-centred gamma)"),
+    (("squared_relu",), True, "squared ReLU"),
+    (("rotary_interleaved",), True, "interleaved rotary embeddings"),
+    (("qk_layernorm",), True, "QK normalization"),
+    (("multi_latent_attention",), True, "multi-latent attention"),
+    (("use_rope_scaling",), True, "RoPE frequency scaling"),
+    (("moe_grouped_gemm",), True, "mixture of experts"),
+]
+
+
+def _check_supported(args: Any) -> None:
+    for names, bad, what in _UNSUPPORTED_ARGS:
+        for n in names:
+            if _arg(args, n) == bad:
+                raise CheckpointError(f"Megatron models with {n}={bad} ({what}) are not supported")
+    experts = _arg(args, "num_experts")
+    if experts not in (None, 0, 1):
+        raise CheckpointError(f"Megatron models with num_experts={experts} (mixture of experts) are not supported")
+    percent = float(_arg(args, "rotary_percent", default=1.0))
+    if percent != 1.0:
+        raise CheckpointError(f"Megatron models with rotary_percent={percent:g} (partial rotary) are not supported")
+    factor = _arg(args, "rotary_seq_len_interpolation_factor")
+    if factor not in (None, 1, 1.0):
+        raise CheckpointError(f"Megatron models with rotary_seq_len_interpolation_factor={factor} are not supported")
+    pos = _arg(args, "position_embedding_type", default="learned_absolute")
+    if pos not in ("learned_absolute", "rope"):
+        raise CheckpointError(f"Megatron models with position_embedding_type={pos!r} are not supported "
+                              "(learned_absolute and rope are)")
+    if _arg(args, "add_position_embedding") is False and pos != "rope" \
+            and not _arg(args, "use_rotary_position_embeddings", default=False):
+        raise CheckpointError("Megatron models with add_position_embedding=False and no rotary embeddings "
+                              "(no positions at all) are not supported")
+    norm = _arg(args, "normalization", default="LayerNorm")
+    if norm not in ("LayerNorm", "RMSNorm"):
+        raise CheckpointError(f"Megatron models with normalization={norm!r} are not supported (LayerNorm and "
+                              "RMSNorm are)")
+
+
 def config_from_args(args: Any, vocab_size: int, *, family: str = "gpt", num_tokentypes: int = 0,
                      binary_head: bool = False) -> ModelConfig:
-    """Megatron-LM ``args`` (argparse Namespace) → our :class:`ModelConfig` of ``family`` (gpt | bert;
-    for BERT the tensors say how many token types there are and whether the sentence-pair head is there)."""
+    """Megatron-LM ``args`` (argparse Namespace, or a dict) → our :class:`ModelConfig` of ``family``
+    (gpt | bert; for BERT the tensors say how many token types there are and whether the
+    sentence-pair head is there). Every spelling a Megatron-LM version wrote is read
+    (``norm_epsilon`` / ``layernorm_epsilon``, ``seq_length`` / ``encoder_seq_length``, …); features
+    megaforge does not have are refused, naming the argument."""
     if args is None:
         raise CheckpointError("the checkpoint has no 'args'; megaforge needs them to know the model shape")
-    unsupported = [("apply_residual_connection_post_layernorm", True), ("apply_layernorm_1p", True),
-                   ("squared_relu", True), ("rotary_interleaved", True)]
-    for key, bad in unsupported:
-        if getattr(args, key, None) == bad:
-            raise CheckpointError(f"Megatron models with {key}={bad} are not supported")
-    if float(_arg(args, "rotary_percent", default=1.0)) != 1.0:
-        raise CheckpointError("Megatron models with rotary_percent < 1 are not supported")
-    hidden, heads = int(args.hidden_size), int(args.num_attention_heads)
+    _check_supported(args)
+    hidden, heads = _required(args, "hidden_size"), _required(args, "num_attention_heads")
+    num_layers = _required(args, "num_layers", "encoder_num_layers")
     bias = bool(_arg(args, "add_bias_linear", default=True))
-    if bool(_arg(args, "add_qkv_bias", default=bias)) != bias:
-        raise CheckpointError("Megatron models with add_qkv_bias != add_bias_linear are not supported")
+    if _arg(args, "add_qkv_bias", default=False) and not bias:  # megatron-core: QKV bias = either flag
+        raise CheckpointError("Megatron models with add_qkv_bias=True but add_bias_linear=False (a bias on the "
+                              "QKV projection only) are not supported")
     swiglu = bool(_arg(args, "swiglu", default=False))
     if swiglu:
         activation = "swiglu"
@@ -183,16 +262,25 @@ def config_from_args(args: Any, vocab_size: int, *, family: str = "gpt", num_tok
     rope = (_arg(args, "position_embedding_type", default="learned_absolute") == "rope"
             or bool(_arg(args, "use_rotary_position_embeddings", default=False)))
     kv = int(_arg(args, "kv_channels", default=hidden // heads))
-    groups = int(args.num_query_groups) if _arg(args, "group_query_attention", default=False) else None
-    seq = int(_arg(args, "seq_length", "max_position_embeddings"))
+    groups = None
+    if _arg(args, "group_query_attention", default=False):
+        groups = _required(args, "num_query_groups")
+        if heads % groups:
+            raise CheckpointError(f"args.num_attention_heads={heads} is not a multiple of "
+                                  f"args.num_query_groups={groups}")
+    seq = _required(args, "seq_length", "encoder_seq_length", "max_position_embeddings")
+    untied = bool(_arg(args, "untie_embeddings_and_output_weights", default=False))
     extra: dict[str, Any] = {}
     if family == "bert":
         if rope or swiglu:
             raise CheckpointError("Megatron BERT checkpoints with rotary positions or SwiGLU are not supported")
-        # Megatron-BERT is pre-LN with a final LayerNorm; its MLM head is always tied to the word embeddings
+        if untied:
+            raise CheckpointError("Megatron BERT checkpoints with untie_embeddings_and_output_weights=True (an "
+                                  "MLM decoder apart from the word embeddings) are not supported")
+        # Megatron-BERT is pre-LN with a final LayerNorm; its MLM head is tied to the word embeddings
         extra = dict(layernorm_position="pre", num_tokentypes=num_tokentypes, bert_binary_head=binary_head)
     return ModelConfig(
-        family=family, num_layers=int(args.num_layers), hidden_size=hidden,
+        family=family, num_layers=num_layers, hidden_size=hidden,
         ffn_hidden_size=int(_arg(args, "ffn_hidden_size", default=4 * hidden)), num_attention_heads=heads,
         num_query_groups=groups, kv_channels=None if kv * heads == hidden else kv, seq_length=seq,
         max_position_embeddings=int(_arg(args, "max_position_embeddings", default=seq)),
@@ -201,7 +289,7 @@ def config_from_args(args: Any, vocab_size: int, *, family: str = "gpt", num_tok
         normalization=_arg(args, "normalization", default="LayerNorm"),
         layernorm_epsilon=float(_arg(args, "norm_epsilon", "layernorm_epsilon", default=1e-5)),
         activation=activation, add_bias_linear=bias,
-        share_embeddings_and_output_weights=not _arg(args, "untie_embeddings_and_output_weights", default=False),
+        share_embeddings_and_output_weights=not untied,
         hidden_dropout=float(_arg(args, "hidden_dropout", default=0.1)),
         attention_dropout=float(_arg(args, "attention_dropout", default=0.1)),
         init_method_std=float(_arg(args, "init_method_std", default=0.02)),
@@ -227,8 +315,17 @@ class MegatronShards:
         self.version = float(first.get("checkpoint_version", 0) or 0)
         self.iteration = first.get("iteration")
         self._index: dict[str, list[torch.Tensor]] = {}  # global canonical name → shard per tp rank
+        self.origin: dict[str, str] = {}  # canonical name → the key it was read as, quoted (for messages)
 
-    def canonical_tensors(self) -> dict[str, torch.Tensor]:
+    def chunks(self) -> list[str]:
+        """The model entries of a rank file: ``model``, or ``model0``, ``model1``, … (virtual pipeline)."""
+        chunks = sorted((k for k in self.states[(0, 0)] if re.fullmatch(r"model\d*", k)),
+                        key=lambda k: int(k[5:] or 0))
+        if not chunks:
+            raise CheckpointError(f"{self.files[(0, 0)]} has no 'model' entry")
+        return chunks
+
+    def canonical_tensors(self, family: str | None = None) -> dict[str, torch.Tensor]:
         """Canonical name → tensor of tensor-parallel rank 0, over every stage and chunk (layer
         indices local to their stage): enough to tell the family and its optional parts."""
         out: dict[str, torch.Tensor] = {}
@@ -238,24 +335,22 @@ class MegatronShards:
             for chunk, tree in state.items():
                 if re.fullmatch(r"model\d*", chunk):
                     for key, value in flatten(tree).items():
-                        name = canonical_name(key)
+                        name = canonical_name(key, family)
                         if name is not None and isinstance(value, torch.Tensor):
                             out.setdefault(name, value)
+                            self.origin.setdefault(name, f"'{key}'")
         return out
 
     def build_index(self, cfg: ModelConfig) -> None:
-        chunks = sorted((k for k in self.states[(0, 0)] if re.fullmatch(r"model\d*", k)),
-                        key=lambda k: int(k[5:] or 0))
-        if not chunks:
-            raise CheckpointError(f"{self.files[(0, 0)]} has no 'model' entry")
         offset = 0
+        chunks = self.chunks()
         for chunk in chunks:  # virtual pipeline: chunk-major, then stage
             for pp in range(self.pp):
                 local_layers: set[int] = set()
                 for tp in range(self.tp):
                     flat = flatten(self.states[(tp, pp)].get(chunk, {}))
                     for key, value in flat.items():
-                        name = canonical_name(key)
+                        name = canonical_name(key, cfg.family)
                         if name is None or not isinstance(value, torch.Tensor):
                             continue
                         m = _LAYER.match(name)
@@ -265,6 +360,10 @@ class MegatronShards:
                         elif cfg.share_embeddings_and_output_weights and name == "output_layer.weight":
                             continue  # the tied head's copy on the last stage
                         shards = self._index.setdefault(name, [])
+                        if not shards:  # a layer's key is local to its stage: say which file holds it
+                            staged = m is not None and (self.pp > 1 or len(chunks) > 1)
+                            self.origin[name] = f"'{key}' (in {self.files[(tp, pp)].parent.name}" + \
+                                (f", {chunk})" if len(chunks) > 1 else ")") if staged else f"'{key}'"
                         if len(shards) == tp:  # first stage holding a replicated global keeps it
                             shards.append(value)
                 offset += len(local_layers)
@@ -273,8 +372,38 @@ class MegatronShards:
                                   f"args.num_layers={cfg.num_layers}")
         for name, shards in self._index.items():
             if len(shards) != self.tp:
-                raise CheckpointError(f"{self.folder}: '{name}' is present in {len(shards)} of {self.tp} "
-                                      "tensor-parallel ranks")
+                raise CheckpointError(f"{self.folder}: {self.origin[name]} is present in {len(shards)} "
+                                      f"of {self.tp} tensor-parallel ranks")
+
+    def check_shapes(self, cfg: ModelConfig, expected: dict[str, tuple[int, ...]]) -> int:
+        """Each merged tensor's shape against ``expected`` (canonical name → shape the architecture
+        gives; vocabulary rows may be padded, so those need only be at least the vocabulary).
+        Returns how many tensors were checked; a mismatch is a one-line error naming the tensor."""
+        checked = 0
+        for name in self._index:
+            want = expected.get(name)
+            if want is None:
+                continue
+            per_rank = tuple(self._index[name][0].shape)
+            try:
+                got = tuple(self.merged(name, cfg, meta=True).shape)
+            except RuntimeError:  # an old fused QKV whose rows do not split into the heads args give
+                got = None
+            vocab = name in _VOCAB_ROWS
+            if got is None:
+                ok = False
+            elif vocab:
+                ok = len(got) == len(want) and got[1:] == tuple(want[1:]) and got[0] >= want[0]
+            else:
+                ok = got == tuple(want)
+            if not ok:
+                what = f"at least {want[0]} rows × {tuple(want[1:])}" if vocab else str(tuple(want))
+                merged = f"merges over tensor parallel {self.tp} to shape {got}" if got is not None else \
+                    f"does not split into the heads args give at tensor parallel {self.tp}"
+                raise CheckpointError(f"{self.folder}: tensor {self.origin[name]} {merged} (per rank {per_rank}), "
+                                      f"but args describe {what}; the checkpoint and its args disagree")
+            checked += 1
+        return checked
 
     def merged(self, name: str, cfg: ModelConfig, *, meta: bool = False) -> torch.Tensor:
         shards = self._index[name]
@@ -310,54 +439,185 @@ class MegatronShards:
 # ---------------------------------------------------------------------------- import
 
 
-def import_megatron(src: str | Path, out: str | Path, *, tokenizer: str | Path | None = None,
-                    vocab_size: int | None = None, dtype: str | torch.dtype | None = "fp32") -> Path:
-    """Convert a legacy Megatron-LM GPT or BERT checkpoint folder into the megaforge folder ``out``.
+@dataclass
+class MegatronImport:
+    """A Megatron-LM checkpoint read and planned, before anything is written: its ``cfg``, the
+    conversion ``steps`` over the merged ``source`` and how many merged tensors were checked
+    against the architecture ``args`` describe (``shapes_checked``)."""
 
-    The true vocabulary size comes from ``vocab_size``, else the ``tokenizer``, else ``args.vocab_size``;
-    without any, the padded size is kept (and said so).
-    """
+    src: Path
+    folder: Path
+    shards: MegatronShards
+    cfg: ModelConfig
+    tokenizer: Any
+    ctx: MappingContext
+    steps: list[Step]
+    source: LazySource
+    shapes_checked: int
+
+    def write(self, out: str | Path, *, dtype: str | torch.dtype | None = "fp32", announce: bool = True) -> Path:
+        """Write the megaforge folder ``out`` (``dtype`` None keeps the checkpoint's own); ``announce``:
+        say so at INFO (a folder that is only a step on the way is mentioned at DEBUG)."""
+        shards = self.shards
+        state = {"step": 0, "consumed_samples": 0, "imported_from": str(self.src),
+                 "megatron_iteration": shards.iteration, "megatron_checkpoint_version": shards.version}
+        out = write_megaforge_folder(out, self.cfg, self.steps, self.source, self.ctx, tokenizer=self.tokenizer,
+                                     dtype=dtype, trainer_state=state, where=str(self.folder),
+                                     name=Path(str(self.src)).name,
+                                     description=f"imported from Megatron-LM checkpoint {self.src}")
+        say = logger.info if announce else logger.debug
+        say(f"imported Megatron-LM {self.cfg.family.upper()} checkpoint {self.folder} (tensor parallel {shards.tp}, "
+            f"pipeline {shards.pp}, version {shards.version:g}) → {out}")
+        return out
+
+
+_HEAD_SPELLINGS = {"lm_head.dense.weight": "'lm_head.dense.weight'",
+                   "lm_head.layernorm.weight": "'lm_head.layernorm.weight' (legacy) or 'lm_head.layer_norm.weight' "
+                                               "(megatron-core)",
+                   "lm_head.bias": "'lm_head.bias' (legacy) or 'output_layer.bias' (megatron-core)"}
+
+
+def plan_megatron(src: str | Path, *, tokenizer: str | Path | None = None,
+                  vocab_size: int | None = None) -> MegatronImport:
+    """Read a Megatron-LM checkpoint (legacy or megatron-core names), tell its family, build its
+    config from ``args``, check the merged tensors' shapes against it and plan the conversion."""
     folder = iteration_dir(Path(src))
     shards = MegatronShards(folder)
     tok = load_tokenizer(str(tokenizer)) if tokenizer is not None else None
-    padded = getattr(shards.args, "padded_vocab_size", None)
-    vocab = vocab_size or (tok.vocab_size if tok is not None else None) or getattr(shards.args, "vocab_size", None)
+    padded = _arg(shards.args, "padded_vocab_size") if shards.args is not None else None
+    vocab = vocab_size or (tok.vocab_size if tok is not None else None) or \
+        (_arg(shards.args, "vocab_size") if shards.args is not None else None)
     if vocab is None:
         vocab = padded or _embedding_rows(shards)
         logger.info(f"note: true vocabulary size unknown; keeping all {vocab} rows (pass vocab_size or a tokenizer)")
-    tensors = shards.canonical_tensors()
-    family = "bert" if any(n.startswith(_BERT_ONLY) for n in tensors) else "gpt"  # MLM head, pooler, token types
+    rows = _embedding_rows(shards)
+    if int(vocab) > rows:
+        said = ("vocab_size (--vocab-size)" if vocab_size else "the tokenizer" if tok is not None
+                else "args.vocab_size")
+        raise CheckpointError(f"{folder}: {said} gives a vocabulary of {vocab} ids, but the checkpoint's word "
+                              f"embeddings have {rows} rows; they do not belong together")
+    family = detect_family(shards.canonical_tensors())
+    tensors = shards.canonical_tensors(family)  # BERT: megatron-core's MLM bias output_layer.bias → lm_head.bias
+    refuse_unsupported({n: shards.origin[n] for n in tensors})
+    if family == "bert":
+        missing = [n for n in _HEAD_SPELLINGS if n not in tensors]
+        if len(missing) == len(_HEAD_SPELLINGS):
+            raise CheckpointError(f"{folder}: the BERT checkpoint has no lm_head.* (masked-LM head: "
+                                  "lm_head.dense, lm_head.layernorm or lm_head.layer_norm, lm_head.bias or "
+                                  "output_layer.bias); megaforge imports pretraining checkpoints, not fine-tuned "
+                                  "classifiers")
+        if missing:
+            raise CheckpointError(f"{folder}: the BERT checkpoint's masked-LM head is incomplete: it has no "
+                                  f"{_HEAD_SPELLINGS[missing[0]]}")
     types = tensors.get("embedding.tokentype_embeddings.weight")
     cfg = config_from_args(shards.args, int(vocab), family=family,
                            num_tokentypes=int(types.shape[0]) if types is not None else 0,
                            binary_head="binary_head.weight" in tensors)
-    if family == "bert" and "lm_head.bias" not in tensors:
-        raise CheckpointError(f"{folder}: the BERT checkpoint has no lm_head (masked-LM head); megaforge imports "
-                              "pretraining checkpoints, not fine-tuned classifiers")
     if family == "bert" and cfg.activation == "gelu_tanh":
         logger.info("note: the MLP used Megatron's fused bias-GELU (tanh approximation), imported as gelu_tanh; "
-                       "Megatron's LM head used exact GELU, megaforge's uses the same activation as the MLP")
+                    "Megatron's LM head used exact GELU, megaforge's uses the same activation as the MLP")
     shards.build_index(cfg)
     adapter = family_adapter(cfg.family)
     if adapter.megatron_table is None:
         raise CheckpointError(f"model family {cfg.family!r} has no legacy Megatron-LM importer yet")
     ctx = adapter.context(cfg)
-    source = shards.source(cfg)
     table = adapter.megatron_table
-    steps = table.plan("from_hf", source.names(), ctx, where=str(folder))
-    state = {"step": 0, "consumed_samples": 0, "imported_from": str(src), "megatron_iteration": shards.iteration,
-             "megatron_checkpoint_version": shards.version}
-    out = write_megaforge_folder(out, cfg, steps, source, ctx, tokenizer=tok, dtype=dtype, trainer_state=state,
-                                 where=str(folder), name=Path(str(src)).name,
-                                 description=f"imported from Megatron-LM checkpoint {src}")
-    logger.info(f"imported Megatron-LM {family.upper()} checkpoint {folder} (tensor parallel {shards.tp}, "
-                f"pipeline {shards.pp}, version {shards.version:g}) → {out}")
+    checked = shards.check_shapes(cfg, megatron_shapes(table, cfg, ctx))
+    source = shards.source(cfg)
+    try:
+        steps = table.plan("from_hf", source.names(), ctx, where=str(folder))
+    except CheckpointError as e:  # name the tensor as the checkpoint spells it
+        raise CheckpointError(_with_origin(str(e), shards.origin)) from None
+    return MegatronImport(Path(str(src)), folder, shards, cfg, tok, ctx, steps, source, checked)
+
+
+def _with_origin(message: str, origin: dict[str, str]) -> str:
+    def spell(m: re.Match) -> str:
+        name = m.group(1)
+        key = origin.get(name)
+        return f"'{name}'" if key is None or key == f"'{name}'" else f"{key} (read as {name})"
+    return re.sub(r"'([^']+)'", spell, message, count=1)
+
+
+def megatron_shapes(table: TemplateTable, cfg: ModelConfig, ctx: MappingContext) -> dict[str, tuple[int, ...]]:
+    """Canonical Megatron name → the merged shape the architecture ``cfg`` gives it (vocabulary rows
+    unpadded), found by running the family's Megatron table backwards on our shapes (``meta``)."""
+    ours = {n: meta_tensor(shape, torch.float32) for n, shape in expected_shapes(cfg).items()}
+    out: dict[str, tuple[int, ...]] = {}
+    for r, layer in table.expand(ctx):
+        names = r.names("ours", layer)
+        if all(n in ours for n in names):
+            step = Step(names, r.names("hf", layer), r.transform, "to_hf")
+            out.update(zip(step.dst, (tuple(t.shape) for t in step.run([ours[n] for n in names], ctx))))
     return out
+
+
+def import_megatron(src: str | Path, out: str | Path, *, tokenizer: str | Path | None = None,
+                    vocab_size: int | None = None, dtype: str | torch.dtype | None = "fp32") -> Path:
+    """Convert a Megatron-LM GPT or BERT checkpoint folder (legacy or megatron-core names) into the
+    megaforge folder ``out``.
+
+    The true vocabulary size comes from ``vocab_size``, else the ``tokenizer``, else ``args.vocab_size``;
+    without any, the padded size is kept (and said so).
+    """
+    return plan_megatron(src, tokenizer=tokenizer, vocab_size=vocab_size).write(out, dtype=dtype)
+
+
+@dataclass
+class LogitReport:
+    """What ``--verify`` says about a Megatron-LM import, which has no reference model to compare
+    with: merged shapes checked against ``args``, and statistics of the imported model's logits."""
+
+    shapes_checked: int
+    num_tokens: int
+    mean: float
+    std: float
+    finite: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.finite and self.std > 0
+
+    def summary(self) -> str:
+        verdict = "verification passed" if self.ok else "verification FAILED"
+        logits = ("finite logits" if self.finite else "NON-FINITE logits") + \
+            f" on {self.num_tokens} probe tokens (mean {self.mean:.4g}, std {self.std:.4g})"
+        if self.finite and self.std == 0:
+            logits += ": constant logits, the weights are degenerate"
+        return (f"{verdict}: the shapes of {self.shapes_checked} merged tensors match the architecture in args; "
+                f"the imported model gives {logits}")
+
+    def raise_if_failed(self) -> None:
+        if not self.ok:
+            raise VerificationError(self.summary())
+
+
+@torch.no_grad()
+def check_imported_logits(folder: str | Path, *, shapes_checked: int = 0) -> LogitReport:
+    """Load an imported folder and run the probe batches (random ids, plus probe texts when it has
+    a tokenizer) through it: mean, std and finiteness of the logits over the true vocabulary."""
+    model, cfg, tokenizer = load_megaforge_model(folder)
+    vocab = cfg.model.vocab_size
+    max_len = cfg.model.max_position_embeddings or cfg.model.seq_length
+    values = []
+    tokens = 0
+    for ids in probe_ids(vocab, max_len, tokenizer):
+        values.append(our_logits(model, ids)[..., :vocab].float().reshape(-1))
+        tokens += ids.numel()
+    logits = torch.cat(values)
+    finite = bool(torch.isfinite(logits).all())
+    kept = logits[torch.isfinite(logits)]
+    mean = float(kept.mean()) if kept.numel() else float("nan")
+    std = float(kept.std()) if kept.numel() > 1 else 0.0
+    return LogitReport(shapes_checked=shapes_checked, num_tokens=tokens, mean=mean, std=std, finite=finite)
 
 
 def _embedding_rows(shards: MegatronShards) -> int:
     for state in shards.states.values():
-        for key, value in flatten(state.get("model", {})).items():
-            if canonical_name(key) == "embedding.word_embeddings.weight":
-                return value.shape[0] * shards.tp
+        for chunk, tree in state.items():
+            if not re.fullmatch(r"model\d*", chunk):
+                continue
+            for key, value in flatten(tree).items():
+                if canonical_name(key) == "embedding.word_embeddings.weight":
+                    return value.shape[0] * shards.tp
     raise CheckpointError(f"{shards.folder}: no word embeddings found")

@@ -86,3 +86,17 @@ def read_provenance(folder: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def update_provenance(folder: Path, *, tokenizer: str | None) -> None:
+    """After a one-step export through a temporary megaforge folder (a Megatron-LM checkpoint ``--to
+    hf``): the recorded ``config.tokenizer.path`` names that folder, which is gone; record the
+    tokenizer the user gave instead (or none)."""
+    path = Path(folder) / PROVENANCE_FILE
+    record = read_provenance(folder)
+    if record is None:
+        return
+    config = record.get("config")
+    if isinstance(config, dict) and isinstance(config.get("tokenizer"), dict):
+        config["tokenizer"]["path"] = tokenizer
+    path.write_text(json.dumps(record, indent=2) + "\n")

@@ -5,9 +5,35 @@ QKV grouped per query group (``megatron.qkv``), SwiGLU's ``[gate; up]`` (``megat
 vocabulary padded to ``divisible_by × tp`` (``megatron.vocab_rows``); and the per-layer rules of a
 ``ParallelTransformerLayer`` (:func:`megatron_layer_rules`), which every family's legacy table uses
 (``FamilyAdapter(megatron_table=...)``; :mod:`toolkit.convert.megatron_legacy` merges the shards).
+
+The names those tables read are canonical: every spelling Megatron-LM has written, old and new
+(:data:`MEGATRON_RENAMES`, :func:`canonical_megatron_name`), is brought to the legacy
+``ParallelTransformer`` names without the ``language_model.`` / ``encoder.`` prefixes first:
+
+=================================================  ==============================================
+written by                                          canonical
+=================================================  ==============================================
+legacy ``language_model.encoder.layers.N.…``        ``layers.N.…``
+older legacy ``transformer.layers.N.attention.…``  ``layers.N.self_attention.…``
+legacy RMSNorm era ``input_norm``,                 ``input_layernorm``, ``post_attention_layernorm``,
+``post_attention_norm``, ``final_norm``             ``final_layernorm``
+megatron-core ``decoder.layers.N.`` (GPT),          ``layers.N.``; ``linear_qkv`` → ``query_key_value``,
+``encoder.layers.N.`` (BERT)                        ``linear_proj`` → ``dense``, ``pre_mlp_layernorm`` →
+                                                    ``post_attention_layernorm``, ``linear_fc1/2`` →
+                                                    ``dense_h_to_4h`` / ``dense_4h_to_h``
+Transformer Engine ``linear_qkv.layer_norm_*``,     ``input_layernorm.*``, ``post_attention_layernorm.*``
+``linear_fc1.layer_norm_*``
+megatron-core BERT ``lm_head.layer_norm``,          ``lm_head.layernorm``, ``lm_head.bias``
+``output_layer.bias`` (the MLM bias)
+=================================================  ==============================================
+
+Tensors of features megaforge does not have (QK normalization, mixture of experts, multi-latent
+attention, cross-attention) are named by :func:`unsupported_megatron_tensor`.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -85,3 +111,64 @@ def megatron_layer_rules(prefix: str = "layers.{}.") -> list[Rule]:
         rule(m + "mlp.dense_4h_to_h.weight", o + "mlp.fc2.weight"),
         rule(m + "mlp.dense_4h_to_h.bias", o + "mlp.fc2.bias", when=bias),
     ]
+
+
+# ---------------------------------------------------------------------------- names, old and new
+
+#: Megatron-LM / megatron-core spellings → the canonical (legacy, prefix-free) names, applied in order
+MEGATRON_RENAMES: list[tuple[re.Pattern, str]] = [(re.compile(a), b) for a, b in [
+    (r"^module\.", ""),  # a DDP-wrapped state dict
+    (r"^language_model\.", ""),
+    (r"^(?:encoder|transformer|decoder)\.(layers\.|final_layernorm\.|final_norm\.)", r"\1"),
+    (r"^final_norm\.", "final_layernorm."),
+    (r"\.attention\.", ".self_attention."),  # before checkpoint version 1 (2020)
+    (r"\.input_norm\.", ".input_layernorm."),  # legacy after the RMSNorm rename (2023)
+    (r"\.post_attention_norm\.", ".post_attention_layernorm."),
+    (r"\.self_attention\.linear_qkv\.layer_norm_(weight|bias)$", r".input_layernorm.\1"),  # Transformer Engine
+    (r"\.mlp\.linear_fc1\.layer_norm_(weight|bias)$", r".post_attention_layernorm.\1"),
+    (r"\.linear_qkv\.", ".query_key_value."),
+    (r"\.linear_proj\.", ".dense."),
+    (r"\.pre_mlp_layernorm\.", ".post_attention_layernorm."),
+    (r"\.linear_fc1\.", ".dense_h_to_4h."),
+    (r"\.linear_fc2\.", ".dense_4h_to_h."),
+    (r"^lm_head\.layer_norm\.", "lm_head.layernorm."),  # megatron-core BertLMHead
+]]
+#: entries that carry no weights: Transformer Engine's _extra_state, the last pipeline stage's copy of
+#: tied word embeddings, rotary caches
+_DROP = re.compile(r"(_extra_state$|^word_embeddings_for_head\.|\.inv_freq$)")
+#: canonical name prefixes only a BERT checkpoint holds (masked-LM head, sentence-pair head, pooler, token types)
+BERT_MARKERS = ("lm_head.", "binary_head.", "pooler.", "embedding.tokentype_embeddings.")
+
+
+def canonical_megatron_name(name: str, *, family: str | None = None) -> str | None:
+    """A legacy or megatron-core state-dict key → its canonical name; None for entries without
+    weights. With ``family="bert"``, megatron-core's MLM bias ``output_layer.bias`` is ``lm_head.bias``."""
+    for pattern, repl in MEGATRON_RENAMES:
+        name = pattern.sub(repl, name)
+    if _DROP.search(name):
+        return None
+    if family == "bert" and name == "output_layer.bias":
+        return "lm_head.bias"
+    return name
+
+
+_UNSUPPORTED: list[tuple[re.Pattern, str]] = [(re.compile(a), b) for a, b in [
+    (r"\.(q_layernorm|k_layernorm)\.", "QK normalization (qk_layernorm)"),
+    (r"\.mlp\.(experts|router|shared_experts)\.", "mixture of experts (num_experts)"),
+    (r"\.self_attention\.(linear_q_down_proj|linear_q_up_proj|linear_kv_down_proj|linear_kv_up_proj|linear_q_proj)\.",
+     "multi-latent attention"),
+    (r"\.(inter_attention|cross_attention|post_inter_attention_layernorm|pre_cross_attn_layernorm)\.",
+     "cross-attention (an encoder-decoder model such as T5)"),
+    (r"^(?:language_model\.)?(?:embedding\.)?(?:position_embeddings\.)?relative_attention_bias",
+     "relative position buckets (T5)"),
+    (r"^output_layer\.bias$", "a bias on the output layer (megaforge's GPT head has none)"),
+    (r"\.mtp\.|^mtp\.", "multi-token prediction layers"),
+]]
+
+
+def unsupported_megatron_tensor(canonical: str) -> str | None:
+    """What feature a canonical tensor name belongs to when megaforge cannot import it, else None."""
+    for pattern, what in _UNSUPPORTED:
+        if pattern.search(canonical):
+            return what
+    return None
