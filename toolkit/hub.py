@@ -7,7 +7,8 @@
    or pickled weights is refused, whatever ``include`` says;
 2. :func:`check_loads` — the folder loads offline with ``transformers`` (``AutoConfig``,
    ``AutoTokenizer`` and the ``AutoModelFor…`` class of its architecture, with no missing or
-   unexpected weights);
+   unexpected weights), and ``AutoTokenizer`` gives the ids of the tokenizer files shipped on the
+   fidelity probe battery (:func:`check_tokenizer_fidelity`);
 3. :func:`~toolkit.model_card.build_card` — ``README.md`` from ``huggingface_hub.ModelCardData`` plus a body written
    from ``megaforge.json`` (the recipe, data, layout and final metrics that
    ``megaforge convert --to hf`` records); an existing ``README.md`` is kept unless
@@ -30,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit.convert.provenance import PROVENANCE_FILE, read_provenance
-from toolkit.errors import MegaforgeError, first_line
+from toolkit.errors import MegaforgeError, TokenizerError, first_line
 from toolkit.model_card import CardOptions, ModelInfo, build_card
+from toolkit.tokenization import load_tokenizer
+from toolkit.tokenization.fidelity import compare, megaforge_side, transformers_side
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +143,7 @@ def _check_loads(transformers, folder: Path) -> ModelInfo:
                            "export the run with its tokenizer/ folder present") from None
     if not ids:
         raise PublishError(f"the tokenizer in {folder} turns {PROBE_TEXT!r} into no tokens; its files are incomplete")
+    check_tokenizer_fidelity(folder, tokenizer)
     dtype_kw = {"dtype": "auto"} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": "auto"}
     try:
         model, report = getattr(transformers, auto_class).from_pretrained(
@@ -163,6 +167,20 @@ def _check_loads(transformers, folder: Path) -> ModelInfo:
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return ModelInfo(architecture=architecture, auto_class=auto_class, pipeline_tag=pipeline_tag,
                      model_type=config.model_type, parameters=sum(p.numel() for p in model.parameters()), dtype=dtype)
+
+
+def check_tokenizer_fidelity(folder: Path, hf_tokenizer) -> None:
+    """The tokenizer files shipped, as megaforge reads them (``tokenizer.json``, else the SentencePiece
+    model or ``vocab.txt``), vs ``hf_tokenizer`` (``AutoTokenizer`` on the folder, which also applies
+    ``tokenizer_config.json``) on the fidelity probe battery: a config that contradicts the files
+    (say ``do_lower_case: false`` beside a lower-casing ``tokenizer.json``) is refused, exit code 1."""
+    try:
+        ours = load_tokenizer(str(folder))
+    except TokenizerError as e:  # a layout megaforge does not read (vocab.json + merges.txt): nothing to compare
+        logger.info(f"note: tokenizer fidelity not checked: {e}")
+        return
+    compare(megaforge_side(ours, f"the tokenizer files in {folder}"),
+            transformers_side(hf_tokenizer, "AutoTokenizer on the folder")).raise_if_failed()
 
 
 def _refusal(rel: str, size: int) -> str | None:

@@ -11,9 +11,11 @@
 Both read and write one conversion step at a time (see :mod:`toolkit.convert.streaming`); the
 weight names and transforms come from the family's ``models/<family>/hf.py`` adapter, its
 ``ModelSpec.hf_adapter`` (:mod:`toolkit.convert.adapters`). With ``verify=True`` both sides run a
-probe batch (:mod:`toolkit.convert.verify`). Reading a run is :mod:`toolkit.checkpoint.run_dir`,
-writing an imported one :mod:`toolkit.convert.megaforge_folder`; :func:`toolkit.convert.convert` is
-the one entry point ``megaforge convert`` and ``checkpoint.init_from`` use.
+probe batch (:mod:`toolkit.convert.verify`). Either way the source tokenizer and the result must give
+the same ids on the probe battery of :mod:`toolkit.tokenization.fidelity` (exit code 1 if not).
+Reading a run is :mod:`toolkit.checkpoint.run_dir`, writing an imported one
+:mod:`toolkit.convert.megaforge_folder`; :func:`toolkit.convert.convert` is the one entry point
+``megaforge convert`` and ``checkpoint.init_from`` use.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from toolkit.errors import CheckpointError, first_line
 from toolkit.mapping.tables import HFTarget
 from toolkit.tokenization import load_tokenizer
 from toolkit.tokenization.export import export_tokenizer, special_token_ids
+from toolkit.tokenization.fidelity import FidelityReport, check_export, check_import
 
 logger = logging.getLogger(__name__)
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -99,10 +102,15 @@ def export_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
                 f"{_HF_DTYPE_NAMES[stored]})")
     if tokenizer is None:
         logger.info(f"note: {run_dir / 'tokenizer'} is missing; the export has no tokenizer files")
+    # the run's tokenizer (the source) vs AutoTokenizer on the export, on the fidelity probe battery
+    fidelity = check_export(tokenizer, out) if tokenizer is not None else None
     if verify:
-        report = verify_export(step_dir, out, tolerance=tolerance, dtype=torch_dtype)
+        report = verify_export(step_dir, out, tolerance=tolerance, dtype=torch_dtype, fidelity=fidelity)
         logger.info(report.summary())
         report.raise_if_failed()
+    elif fidelity is not None:
+        fidelity.raise_if_failed()
+        logger.info(fidelity.detail())
     write_provenance(out, run_dir, step_dir, cfg)  # megaforge.json: recipe, layout, last metrics (model card)
     return out
 
@@ -182,6 +190,12 @@ def import_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
         source = AliasedSource(source, target.tied_aliases)
     architecture = target.architecture if task is not None else architecture_of(adapter, mcfg, target)
     tok = _import_tokenizer(folder, tokenizer)
+    # the source tokenizer vs ours before anything is written (write_megaforge_folder then checks that the
+    # saved copy loads back the same); with --verify the verdict comes beside the logit difference
+    fidelity = _import_fidelity(folder, tokenizer, tok)
+    if fidelity is not None and not verify:
+        fidelity.raise_if_failed()
+        logger.info(fidelity.detail())
     ctx = padded_context(adapter, mcfg, tensor_parallel_size)
     steps = target.table.plan("from_hf", source.names(), ctx, where=str(folder))
     state = {"step": 0, "consumed_samples": 0, "imported_from": str(src), "architecture": architecture}
@@ -200,10 +214,21 @@ def import_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
     if tok is None:
         logger.info("note: no tokenizer files found; pass tokenizer=... (--tokenizer) to add one")
     if verify:
-        report = verify_import(folder, out, tolerance=tolerance, source_target=target)
+        report = verify_import(folder, out, tolerance=tolerance, source_target=target, fidelity=fidelity)
         logger.info(report.summary())
         report.raise_if_failed()
     return out
+
+
+def _import_fidelity(folder: Path, override: str | Path | None, tok) -> FidelityReport | None:
+    """The import's tokenizer check: ``AutoTokenizer`` on the folder the tokenizer came from (the
+    source folder, or an override that is a Hugging Face tokenizer folder) vs ``tok``."""
+    if tok is None:
+        return None
+    source = folder if override is None else Path(str(override)).expanduser()
+    if not source.is_dir():  # a shipped name or a single file: megaforge's own loader is the source
+        return None
+    return check_import(source, tok, result_name="the imported tokenizer")
 
 
 def _import_tokenizer(folder: Path, override: str | Path | None):

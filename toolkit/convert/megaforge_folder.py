@@ -1,6 +1,7 @@
 """The megaforge end of an import: :func:`write_megaforge_folder` writes a new run directory
 (``config.yaml``, ``tokenizer/``, ``checkpoints/step_0`` + ``latest``) from a conversion plan, one
-step at a time (what the Hugging Face and legacy Megatron-LM importers write). Reading a run
+step at a time (what the Hugging Face and legacy Megatron-LM importers write). The tokenizer written
+is loaded back and compared with the one converted (:mod:`toolkit.tokenization.fidelity`). Reading a run
 directory is :mod:`toolkit.checkpoint.run_dir`.
 """
 
@@ -15,6 +16,8 @@ from toolkit.convert.streaming import StepCache, TensorSource, parse_dtype, plan
 from toolkit.errors import CheckpointError, MegaforgeError
 from toolkit.mapping.tables import MappingContext, Step
 from toolkit.models.build import build_model
+from toolkit.tokenization import Tokenizer, load_tokenizer
+from toolkit.tokenization.fidelity import check_same
 
 
 def expected_shapes(cfg: ModelConfig, tensor_parallel_size: int = 1, *, task=None) -> dict[str, torch.Size]:
@@ -22,6 +25,13 @@ def expected_shapes(cfg: ModelConfig, tensor_parallel_size: int = 1, *, task=Non
     with torch.device("meta"):
         model = build_model(cfg, tensor_parallel_size=tensor_parallel_size, task=task)
     return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def check_saved_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
+    """The tokenizer loaded back from ``folder`` (where ``tokenizer`` was just saved) gives the same ids
+    on the fidelity probe battery; :class:`~toolkit.tokenization.fidelity.TokenizerFidelityError` if not."""
+    check_same(tokenizer, load_tokenizer(str(folder)), source_name="the tokenizer converted",
+               result_name=f"its copy saved in {folder}").raise_if_failed()
 
 
 def write_megaforge_folder(out: str | Path, mcfg: ModelConfig, steps: list[Step], source: TensorSource,
@@ -52,6 +62,7 @@ def write_megaforge_folder(out: str | Path, mcfg: ModelConfig, steps: list[Step]
     if tokenizer is not None:
         tokenizer.save(out / "tokenizer")
         cfg.tokenizer.path = str((out / "tokenizer").resolve())
+        check_saved_tokenizer(tokenizer, out / "tokenizer")
     write_dcp_checkpoint(out / "checkpoints", 0, dict(items), StepCache(steps, source, ctx), trainer_state)
     save_config(cfg, out / "config.yaml")
     return out

@@ -13,13 +13,17 @@ Probes are per task (``HFTarget.task``), in :data:`PROBES`:
   plus the sentence-pair logits when both sides have that head.
 * ``seq2seq_lm`` (T5): decoder logits for encoder inputs (with a padding mask, as above) and
   decoder inputs = the pad id then the inputs shifted right.
+
+The tokenizer half is :mod:`toolkit.tokenization.fidelity`: the *source* tokenizer (ours for an
+export, ``AutoTokenizer`` on the source folder for an import) against the result on its probe
+battery; the report carries that comparison and fails on any difference.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
@@ -27,6 +31,7 @@ from torch import nn
 from toolkit.checkpoint.run_dir import load_megaforge_model
 from toolkit.convert.adapters import export_target
 from toolkit.errors import CheckpointError
+from toolkit.tokenization.fidelity import FidelityReport, check_export, check_import
 
 PROBE_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -47,20 +52,28 @@ class VerifyReport:
     max_abs_diff: float
     tolerance: float
     num_tokens: int
-    texts_checked: int = 0
-    token_mismatch: str | None = None  # first text whose ids differ, or None
+    #: the tokenizer comparison (source vs result), or None where there is no tokenizer to compare
+    tokenizer: FidelityReport | None = None
+
+    @property
+    def texts_checked(self) -> int:
+        return self.tokenizer.texts_checked if self.tokenizer is not None else 0
+
+    @property
+    def token_mismatch(self) -> str | None:
+        """The first probe whose ids differ, or None."""
+        return self.tokenizer.mismatch[0] if self.tokenizer is not None and self.tokenizer.mismatch else None
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= self.tolerance and self.token_mismatch is None
+        return self.max_abs_diff <= self.tolerance and (self.tokenizer is None or self.tokenizer.ok)
 
     def summary(self) -> str:
         verdict = "verification passed" if self.ok else "verification FAILED"
         text = (f"{verdict}: max |logit difference| = {self.max_abs_diff:.3g} over {self.num_tokens} probe tokens "
                 f"(tolerance {self.tolerance:g})")
-        if self.texts_checked:
-            text += ("; tokenizer ids match on " + f"{self.texts_checked} texts" if self.token_mismatch is None
-                     else f"; tokenizer ids differ on {self.token_mismatch!r}")
+        if self.tokenizer is not None:
+            text += "; " + self.tokenizer.detail()
         return text
 
     def raise_if_failed(self) -> None:
@@ -210,14 +223,10 @@ def compare_models(ours: nn.Module, theirs: nn.Module, *, vocab_size: int, max_l
     return VerifyReport(max_abs_diff=worst, tolerance=tolerance, num_tokens=tokens)
 
 
-def compare_tokenizers(ours, hf_folder: str | Path, texts: Sequence[str] = PROBE_TEXTS) -> tuple[int, str | None]:
-    """(texts checked, first text whose ids differ or None): ours vs ``AutoTokenizer`` on ``texts``."""
-    transformers = require_transformers()
-    theirs = transformers.AutoTokenizer.from_pretrained(str(hf_folder))
-    for text in texts:
-        if theirs(text, add_special_tokens=False)["input_ids"] != ours.encode(text):
-            return len(texts), text
-    return len(texts), None
+def compare_tokenizers(ours, hf_folder: str | Path) -> FidelityReport | None:
+    """Ours (the source) vs ``AutoTokenizer`` on ``hf_folder`` over the fidelity probe battery."""
+    require_transformers()
+    return check_export(ours, hf_folder)
 
 
 def _round_weights(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
@@ -243,24 +252,27 @@ def _max_len(cfg) -> int:
 
 
 def verify_export(checkpoint: str | Path, hf_folder: str | Path, *, tolerance: float = 1e-4,
-                  dtype: torch.dtype | None = None) -> VerifyReport:
-    """Our checkpoint (weights rounded through ``dtype``) vs ``transformers`` loading ``hf_folder``."""
+                  dtype: torch.dtype | None = None, fidelity: FidelityReport | None = None) -> VerifyReport:
+    """Our checkpoint (weights rounded through ``dtype``) vs ``transformers`` loading ``hf_folder``;
+    our tokenizer vs ``AutoTokenizer`` on ``hf_folder`` (``fidelity``: that comparison, already run)."""
     model, cfg, tokenizer = load_megaforge_model(checkpoint)
     target = export_target(cfg)
     theirs = _load_hf_model(Path(hf_folder), target.architecture)
     report = compare_models(_round_weights(model, dtype), theirs, vocab_size=cfg.model.vocab_size,
                             max_len=_max_len(cfg.model), task=target.task, tokenizer=tokenizer, tolerance=tolerance)
     if tokenizer is not None:
-        report.texts_checked, report.token_mismatch = compare_tokenizers(tokenizer, hf_folder)
+        report.tokenizer = fidelity if fidelity is not None else compare_tokenizers(tokenizer, hf_folder)
     return report
 
 
 def verify_import(hf_folder: str | Path, megaforge_folder: str | Path, *, tolerance: float = 1e-4,
-                  source_target=None) -> VerifyReport:
+                  source_target=None, fidelity: FidelityReport | None = None) -> VerifyReport:
     """``transformers`` loading ``hf_folder`` vs our model loaded from the imported folder (as the class
     our model exports to: e.g. ``BertForMaskedLM`` for a checkpoint without NSP head,
     ``BertForTokenClassification`` for a fine-tuned one; a headless
-    ``source_target`` — ``task="encoder"`` — compares the encoders' hidden states)."""
+    ``source_target`` — ``task="encoder"`` — compares the encoders' hidden states). The tokenizer half:
+    ``fidelity`` when given (the import's own comparison with its source tokenizer), else
+    ``AutoTokenizer`` on ``hf_folder`` vs the imported tokenizer."""
     model, cfg, tokenizer = load_megaforge_model(megaforge_folder)
     target = export_target(cfg)  # with a task head (an imported fine-tuned model): its task class
     if source_target is not None and source_target.task == "encoder":
@@ -268,8 +280,11 @@ def verify_import(hf_folder: str | Path, megaforge_folder: str | Path, *, tolera
     theirs = _load_hf_model(Path(hf_folder), target.architecture)
     report = compare_models(model, theirs, vocab_size=cfg.model.vocab_size, max_len=_max_len(cfg.model),
                             task=target.task, tokenizer=tokenizer, tolerance=tolerance)
-    if tokenizer is not None and (Path(hf_folder) / "tokenizer_config.json").is_file():
-        report.texts_checked, report.token_mismatch = compare_tokenizers(tokenizer, hf_folder)
+    if fidelity is not None:
+        report.tokenizer = fidelity
+    elif tokenizer is not None:
+        report.tokenizer = check_import(hf_folder, tokenizer, result_name=f"the imported tokenizer "
+                                        f"({Path(megaforge_folder) / 'tokenizer'})")
     return report
 
 

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer as HFTokenizerObject
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from toolkit.errors import TokenizerError, first_line
 from toolkit.tokenization.base import SPECIAL_NAMES, Tokenizer, detect_special_ids
+from toolkit.tokenization.export import pipeline_settings
 
 #: the file every Hugging Face tokenizer folder holds
 TOKENIZER_JSON = "tokenizer.json"
@@ -61,7 +62,7 @@ class HFTokenizer(Tokenizer):
                 f"{path} is corrupt or not a Hugging Face tokenizer.json ({first_line(exc)}); "
                 "re-copy or re-train the tokenizer"
             ) from None
-        return cls(tok, path=path, lowercase=_read_do_lower_case(path.parent))
+        return cls(tok, path=path, lowercase=lowercases(tok))
 
     @classmethod
     def from_wordpiece_vocab(cls, vocab_file: str | Path, lowercase: bool | None = None) -> "HFTokenizer":
@@ -160,6 +161,14 @@ class HFTokenizer(Tokenizer):
         if self.is_wordpiece and self.lowercase is not None:
             config["do_lower_case"] = self.lowercase
         return config
+
+
+def lowercases(tok: HFTokenizerObject) -> bool:
+    """Whether ``tok``'s normalizer lower-cases (a ``BertNormalizer`` with ``lowercase``, or a
+    ``Lowercase`` step): what the pipeline does, whatever a ``tokenizer_config.json`` beside it says."""
+    if tok.normalizer is None:
+        return False
+    return bool(pipeline_settings({"normalizer": json.loads(tok.normalizer.__getstate__())})["do_lower_case"])
 
 
 def _read_do_lower_case(folder: Path) -> bool | None:

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from toolkit.config import RunConfig, save_config, validate
-from toolkit.convert.init_from import adopt_source_config, adopt_source_task, resolve_init_from
+from toolkit.convert.init_from import adopt_source_config, adopt_source_task, resolve_init_from, source_config
 from toolkit.data.corpus import corpus_prefix
 from toolkit.errors import ConfigError, first_line
 from toolkit.generation import generate_text
@@ -132,8 +132,9 @@ def _resolve_init_from(cfg: RunConfig) -> bool:
     trainer loads. Returns whether the source's task head is left out of the load."""
     spec = cfg.checkpoint.init_from
     source_dir, step = resolve_init_from(spec)
-    changed = adopt_source_config(cfg, source_dir)
-    fresh_head = adopt_source_task(cfg, source_dir)
+    src = source_config(source_dir)  # read once for both
+    changed = adopt_source_config(cfg, source_dir, src)
+    fresh_head = adopt_source_task(cfg, source_dir, src)
     validate(cfg)
     cfg.checkpoint.init_from = str(step)
     took = f"; its architecture replaces model.{{{', '.join(changed)}}}" if changed else ""
