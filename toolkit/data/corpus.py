@@ -42,9 +42,13 @@ def available_corpora() -> list[str]:
 
 
 def corpus_file(corpus_name: str) -> Path:
-    """The shipped ``<corpus_name>.jsonl.gz``; DataError listing the available ones if missing."""
+    """The shipped ``<corpus_name>.jsonl.gz``; DataError listing the available ones if missing.
+
+    Only a shipped corpus's plain name is accepted: the name also names the files of its build
+    (``<cache>/corpora/<name>-<tokenizer>/<name>.bin``), so a name with a path in it would read and
+    write outside those folders."""
     path = corpora_dir() / f"{corpus_name}{CORPUS_SUFFIX}"
-    if not path.is_file():
+    if corpus_name not in available_corpora() or not path.is_file():
         names = ", ".join(available_corpora()) or "none installed"
         raise DataError(f"no shipped corpus named '{corpus_name}' ({path} not found); available: {names}")
     return path

@@ -6,13 +6,16 @@ checkpoint. ``predict`` reads raw text — a ``.txt`` file (one document), a ``.
 character offsets, runs the model over overlapping windows (no text is truncated) and writes one
 jsonl line per document, ``{"text", "entities": [{"start", "end", "label", "text", "score"}]}``
 with offsets into the original text (``score``: the mean probability of the entity's words), or
-BRAT ``NAME.txt`` + ``NAME.ann`` files when the output is a folder.
+BRAT ``NAME.txt`` + ``NAME.ann`` files when the output is a folder (``NAME``: the input file's name,
+plus ``-LINE`` for a jsonl line; an entity that crosses a line break is written as BRAT fragments,
+:func:`brat_lines`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -134,6 +137,38 @@ def predict_documents(model, cfg: RunConfig, tokenizer, texts: list[str], *, dev
     return out
 
 
+#: characters ``str.splitlines`` breaks a line at (a superset of what a reader of ``.ann`` files splits at)
+_LINE_BREAKS = re.compile(r"[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]+")
+
+
+def brat_fragments(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """``text[start:end]`` as BRAT fragments: cut at every line break, whitespace at the cuts left out."""
+    cuts = [(m.start(), m.end()) for m in _LINE_BREAKS.finditer(text, start, end)]
+    frags = []
+    for a, b in zip([start] + [e for _, e in cuts], [s for s, _ in cuts] + [end]):
+        while a < b and text[a].isspace():
+            a += 1
+        while b > a and text[b - 1].isspace():
+            b -= 1
+        if a < b:
+            frags.append((a, b))
+    return frags or [(start, end)]
+
+
+def brat_lines(text: str, entities: list[dict]) -> list[str]:
+    """The ``T`` lines of ``entities`` (``start``/``end`` offsets into ``text``) for a BRAT ``.ann`` file.
+
+    An entity whose span crosses a line break (``chest\\npain``) is written as BRAT writes a
+    discontinuous span, ``T1<TAB>LABEL 0 5;6 10<TAB>chest pain``: its text with the line break inside
+    would end the ``.ann`` line there and turn the rest of the entity into a line of its own."""
+    lines = []
+    for i, e in enumerate(entities, 1):
+        frags = brat_fragments(text, e["start"], e["end"])
+        offsets = ";".join(f"{a} {b}" for a, b in frags)
+        lines.append(f"T{i}\t{e['label']} {offsets}\t" + " ".join(text[a:b] for a, b in frags))
+    return lines
+
+
 def predict_run(run_dir: str | Path, input_path: str | Path, output: str | Path, *, device: str = "cpu",
                 batch_size: int = 32) -> Path:
     """``megaforge predict RUN --input FILE --output FILE``: jsonl, or BRAT files when ``output`` is a
@@ -149,8 +184,7 @@ def predict_run(run_dir: str | Path, input_path: str | Path, output: str | Path,
         output.mkdir(parents=True, exist_ok=True)
         for (name, text), res in zip(docs, results):
             (output / f"{name}.txt").write_text(text, encoding="utf-8")
-            lines = [f"T{i}\t{e['label']} {e['start']} {e['end']}\t{e['text']}"
-                     for i, e in enumerate(res["entities"], 1)]
+            lines = brat_lines(text, res["entities"])
             (output / f"{name}.ann").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     else:
         output.parent.mkdir(parents=True, exist_ok=True)

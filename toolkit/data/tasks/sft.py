@@ -125,6 +125,9 @@ def render_chat(template: str, messages: list[dict], *, add_generation_prompt: b
                                                 eos_token=eos_token, bos_token=bos_token)
     except TemplateError as e:
         raise ConfigError(f"the chat template does not render: {' '.join(str(e).split())}") from None
+    except (ArithmeticError, LookupError, TypeError, ValueError) as e:  # the sandbox's range limit, 1/0, ...
+        raise ConfigError(f"the chat template does not render: {type(e).__name__}: {' '.join(str(e).split())}") \
+            from None
 
 
 def end_token_id(tokenizer) -> int | None:
