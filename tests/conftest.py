@@ -24,6 +24,33 @@ def run_cli(*args: str, cwd=None, timeout: int = 600, env=None) -> subprocess.Co
                           text=True, timeout=timeout, env=full_env)
 
 
+def cli_main(*args: str) -> subprocess.CompletedProcess:
+    """``megaforge ARGS`` in this process (``toolkit.cli.main``): for commands that end early (a one-line
+    error, a dry run), it saves the seconds a new interpreter spends importing torch. Returns what
+    :func:`run_cli` does; the torch thread count and the log handlers are restored afterwards."""
+    import contextlib
+    import io
+    import logging
+
+    import torch
+
+    from toolkit.cli import main
+
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        torch.set_num_threads(threads)
+        root = logging.getLogger("toolkit")
+        for handler in [h for h in root.handlers if getattr(h, "megaforge_console", False)]:
+            root.removeHandler(handler)
+    return subprocess.CompletedProcess(["megaforge", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def one_thread():
     """Run a test on one torch thread: tiny models gain nothing from threads, and on a shared

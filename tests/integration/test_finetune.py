@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli_main, run_cli
 from toolkit.data.tasks import read_examples
 from toolkit.evaluation.metrics import majority_baseline
 
@@ -178,7 +178,7 @@ def test_unseen_valid_label_is_one_line(tmp_path):
 
 
 def test_finetune_needs_a_task_section():
-    out = run_cli("finetune", "bert-tiny")
+    out = cli_main("finetune", "bert-tiny")
     assert out.returncode == 2 and "has no task section" in out.stderr
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_bitwise_same_run, run_cli, step_losses
+from tests.conftest import assert_bitwise_same_run, cli_main, run_cli, step_losses
 
 # A very small gpt-tiny so each run takes seconds on 2 cores.
 SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.seq_length=64",
@@ -120,15 +120,15 @@ def assert_user_error(out: subprocess.CompletedProcess, *needles: str):
 
 
 def test_error_mistyped_key():
-    assert_user_error(run_cli("train", "gpt-tiny", "trainer.max_step=3"), "trainer.max_steps")
+    assert_user_error(cli_main("train", "gpt-tiny", "trainer.max_step=3"), "trainer.max_steps")
 
 
 def test_error_unknown_recipe():
-    assert_user_error(run_cli("train", "gpt-tinny"), "gpt-tiny")
+    assert_user_error(cli_main("train", "gpt-tinny"), "gpt-tiny")
 
 
 def test_error_missing_data(tmp_path: Path):
-    assert_user_error(run_cli("train", "gpt-tiny", *SMALL, f"trainer.run_dir={tmp_path}/r",
+    assert_user_error(cli_main("train", "gpt-tiny", *SMALL, f"trainer.run_dir={tmp_path}/r",
                               f"data.data_prefix=[{tmp_path}/nothing]"), "nothing")
 
 
@@ -141,27 +141,27 @@ def test_error_corrupt_data(tmp_path: Path):
     assert ok.returncode == 0, ok.stderr
     bin_path = prefix.with_suffix(".bin")
     bin_path.write_bytes(bin_path.read_bytes()[:-10])
-    assert_user_error(run_cli("train", "gpt-tiny", *SMALL, f"trainer.run_dir={tmp_path}/r",
+    assert_user_error(cli_main("train", "gpt-tiny", *SMALL, f"trainer.run_dir={tmp_path}/r",
                               f"data.data_prefix=[{prefix}]"), "corpus.bin")
     bin_path.unlink()
     prefix.with_suffix(".idx").write_bytes(b"NOTANIDX" * 8)
     bin_path.write_bytes(b"\0" * 64)
-    assert_user_error(run_cli("train", "gpt-tiny", *SMALL, f"trainer.run_dir={tmp_path}/r2",
+    assert_user_error(cli_main("train", "gpt-tiny", *SMALL, f"trainer.run_dir={tmp_path}/r2",
                               f"data.data_prefix=[{prefix}]"), "corpus.idx")
 
 
 def test_error_missing_tokenizer(tmp_path: Path):
-    assert_user_error(run_cli("train", "gpt-tiny", *SMALL, f"trainer.run_dir={tmp_path}/r",
+    assert_user_error(cli_main("train", "gpt-tiny", *SMALL, f"trainer.run_dir={tmp_path}/r",
                               f"tokenizer.path={tmp_path}/no-such-tokenizer"), "no-such-tokenizer")
 
 
 def test_error_missing_or_incomplete_checkpoint(tmp_path: Path):
-    assert_user_error(run_cli("generate", str(tmp_path / "nowhere"), "--prompt", "x"), "nowhere")
+    assert_user_error(cli_main("generate", str(tmp_path / "nowhere"), "--prompt", "x"), "nowhere")
     run = tmp_path / "run"
     train(run, "trainer.max_steps=2", "trainer.eval_interval=0")
     (run / "checkpoints" / "step_2" / "trainer_state.json").unlink()
-    assert_user_error(run_cli("generate", str(run), "--prompt", "x"), "step_2")
-    assert_user_error(run_cli("train", "gpt-tiny", *SMALL, f"trainer.run_dir={run}", "trainer.max_steps=4"),
+    assert_user_error(cli_main("generate", str(run), "--prompt", "x"), "step_2")
+    assert_user_error(cli_main("train", "gpt-tiny", *SMALL, f"trainer.run_dir={run}", "trainer.max_steps=4"),
                       "step_2")
 
 

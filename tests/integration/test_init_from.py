@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import cli_main, run_cli
 from tests.conversion.conftest import GPT2_STYLE, make_run, transformers
 from toolkit.checkpoint import load_megaforge_model
 from toolkit.config import load_config
@@ -72,7 +72,7 @@ def test_training_starts_from_another_run(hf_folder: Path, tmp_path: Path):
 
 
 def test_missing_source_is_one_line_error(tmp_path: Path):
-    out = run_cli("train", "gpt-tiny", *FROZEN, f"checkpoint.init_from={tmp_path / 'nope'}",
+    out = cli_main("train", "gpt-tiny", *FROZEN, f"checkpoint.init_from={tmp_path / 'nope'}",
                   f"trainer.run_dir={tmp_path / 'run'}")
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "does not exist" in out.stderr

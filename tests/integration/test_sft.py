@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import random
 
-from tests.conftest import run_cli
+from tests.conftest import cli_main, run_cli
 
 COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red", "sun": "yellow"}
 QUICK = ["model.seq_length=64", "trainer.micro_batch_size=16", "trainer.global_batch_size=16", "optim.lr=3e-3",
@@ -71,14 +71,14 @@ def test_sft_learns_answers_that_end_by_themselves(tmp_path):
     assert card.returncode == 0, card.stderr[-2000:]
     assert "Fine-tuned for instruction following" in card.stdout
     assert f"| exact_match | {scores['exact_match']:.4f} |" in card.stdout  # evaluate's scores on the card
-    pred = run_cli("predict", str(run), "--input", str(tmp_path / "valid.jsonl"), "--output", str(tmp_path / "p.jsonl"))
+    pred = cli_main("predict", str(run), "--input", str(tmp_path / "valid.jsonl"), "--output", str(tmp_path / "p.jsonl"))
     assert pred.returncode == 2 and "use `megaforge generate" in pred.stderr
 
 
 def test_sft_is_for_decoders_and_token_classification_is_for_encoders():
-    out = run_cli("finetune", "gpt-tiny", "task.type=token_classification", "task.train_file=x.conll")
+    out = cli_main("finetune", "gpt-tiny", "task.type=token_classification", "task.train_file=x.conll")
     assert out.returncode == 2 and "model.family=gpt fine-tunes for task.type sft, not token_classification" in out.stderr
-    out = run_cli("finetune", "bert-tiny-ncbi-disease", "task.type=sft")
+    out = cli_main("finetune", "bert-tiny-ncbi-disease", "task.type=sft")
     assert out.returncode == 2 and "not sft" in out.stderr and len(out.stderr.strip().splitlines()) == 1
-    out = run_cli("finetune", "bert-tiny-ncbi-disease", "task.packing=true")
+    out = cli_main("finetune", "bert-tiny-ncbi-disease", "task.packing=true")
     assert out.returncode == 2 and "task.packing=true packs SFT samples" in out.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli_main, run_cli
 from toolkit.config import LoggingConfig, TensorBoardConfig
 from toolkit.errors import ConfigError
 from toolkit.training.loggers import TensorBoardLogger, scalars
@@ -100,7 +100,7 @@ def test_off_by_default(tmp_path: Path):
 
 
 def test_bogus_value_is_one_line_error(tmp_path: Path):
-    out = run_cli("train", "gpt-tiny", f"trainer.run_dir={tmp_path / 'run'}", "logging.tensorboard.enabled=maybe")
+    out = cli_main("train", "gpt-tiny", f"trainer.run_dir={tmp_path / 'run'}", "logging.tensorboard.enabled=maybe")
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "logging.tensorboard.enabled" in lines[0] and "bool" in lines[0], out.stderr

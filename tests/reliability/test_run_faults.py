@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, assert_bitwise_same_run, final_weights, run_cli
+from tests.conftest import REPO, assert_bitwise_same_run, cli_main, final_weights, run_cli
 from toolkit.errors import PREEMPTED_EXIT_CODE, TrainingDiverged
 
 
@@ -106,7 +106,7 @@ def test_exit_signal_is_configurable(tmp_path: Path):
     out = train(tmp_path / "run", "trainer.exit_signal=SIGUSR1", "trainer.max_steps=4",
                 env={"MEGAFORGE_FAULT_INJECT": "0:1:SIGUSR1"})
     assert out.returncode == 75 and (tmp_path / "run" / "checkpoints" / "step_2").is_dir()
-    bad = train(tmp_path / "bad", "trainer.exit_signal=SIGKILL")
+    bad = cli_main("train", "gpt-tiny", *SMALL, f"trainer.run_dir={tmp_path / 'bad'}", "trainer.exit_signal=SIGKILL")
     assert bad.returncode == 2 and "trainer.exit_signal" in one_error_line(bad)
 
 
