@@ -1,12 +1,13 @@
 """Kill -9 soak: a training run killed at random moments (some during checkpoint saves), restarted
 with the same command each time, must end bitwise equal to the same run left alone.
 
-    python benchmarks/kill_soak.py --kills 50                      # a long soak on gpt-tiny
+    python benchmarks/kill_soak.py --kills 50                      # a long soak: gpt-tiny, 200 steps
     python benchmarks/kill_soak.py --kills 5 --seed 3 -- trainer.max_steps=40 checkpoint.save_interval=2
 
 It trains the reference run once, then the soaked run: start ``megaforge train``, SIGKILL it after a
-random delay (uniform up to the reference run's wall time, so kills land in start-up, steps and
-saves alike), start it again, ... ``--kills`` times, then let it finish. It prints the kills
+random delay (uniform up to half the reference run's wall time, so kills land in start-up, steps
+and saves alike), start it again, ... ``--kills`` times or until the last checkpoint is written, then
+let it finish. It prints the kills
 delivered, the checkpoints present at each kill, and whether the losses at every step (exact float
 equality, metrics.jsonl) and the final weights (``torch.equal``) match the reference; exit 0 when
 they do. ``tests/reliability/test_run_faults.py`` runs a few kills in CI through :func:`kill_cycle`.
@@ -33,6 +34,7 @@ SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_head
          "logging.wandb.enabled=false", "logging.progress_bar=false", "logging.plot=false", "trainer.num_threads=1",
          "trainer.sample_prompt=null", "model.hidden_dropout=0.1", "trainer.max_steps=12",
          "checkpoint.save_interval=4"]
+SOAK = ["trainer.max_steps=200", "checkpoint.save_interval=4"]  # the soak's default: longer, more saves
 
 
 def train_command(run_dir: Path, overrides: list[str]) -> list[str]:
@@ -40,10 +42,10 @@ def train_command(run_dir: Path, overrides: list[str]) -> list[str]:
 
 
 def kill_cycle(cmd: list[str], run_dir: Path, *, kills: int, max_delay: float, rng: random.Random,
-               log=print) -> int:
-    """Start ``cmd``, SIGKILL it after a random delay up to ``max_delay`` s, ``kills`` times (a run that
-    ends first is not killed), then run it to the end; returns the kills delivered. Raises
-    RuntimeError when a restart or the final run fails."""
+               final: str | None = None, log=print) -> int:
+    """Start ``cmd``, SIGKILL it after a random delay up to ``max_delay`` s, ``kills`` times (stopping
+    early once the run ends by itself or ``latest`` names ``final``, its last checkpoint), then run it
+    to the end; returns the kills delivered. Raises RuntimeError when a restart or the final run fails."""
     delivered = 0
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for i in range(kills):
@@ -61,6 +63,9 @@ def kill_cycle(cmd: list[str], run_dir: Path, *, kills: int, max_delay: float, r
             folder = run_dir / "checkpoints"
             present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
             log(f"kill {delivered}: checkpoints/ holds {present or 'nothing yet'}")
+            pointer = folder / "latest"
+            if final and pointer.is_file() and pointer.read_text().strip() == final:
+                break  # trained to the end: later kills would only hit start-up
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"the final run failed (exit {out.returncode}): {out.stderr[-2000:]}")
@@ -93,9 +98,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=20, help="SIGKILLs to deliver (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill delays")
+    p.add_argument("--max-delay", type=float, default=None,
+                   help="longest wait before a kill, s (default: half the reference run's wall time)")
     p.add_argument("--work-dir", default=None, help="where the two runs go (default: a temporary folder)")
-    p.add_argument("overrides", nargs="*", help="extra KEY=VALUE overrides for both runs (after --)")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides for both runs (after --; default: "
+                                                "trainer.max_steps=200 checkpoint.save_interval=4)")
     args = p.parse_args()
+    args.overrides = args.overrides or SOAK
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="kill-soak-"))
     reference, soaked = work / "reference", work / "soaked"
     start = time.monotonic()
@@ -104,9 +113,11 @@ def main() -> int:
         print(out.stderr[-3000:], file=sys.stderr)
         return 1
     wall = time.monotonic() - start
-    print(f"reference run: {wall:.1f} s → {reference}")
-    delivered = kill_cycle(train_command(soaked, args.overrides), soaked, kills=args.kills, max_delay=wall,
-                           rng=random.Random(args.seed))
+    final = (reference / "checkpoints" / "latest").read_text().strip()
+    print(f"reference run: {wall:.1f} s to {final} → {reference}")
+    delivered = kill_cycle(train_command(soaked, args.overrides), soaked, kills=args.kills,
+                           max_delay=args.max_delay or wall / 2,
+                           rng=random.Random(args.seed), final=final)
     problems = same_run(soaked, reference)
     print(f"kills survived: {delivered}; bitwise identical to the reference: {'yes' if not problems else 'NO'}")
     for line in problems[:10]:

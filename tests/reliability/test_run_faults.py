@@ -97,7 +97,8 @@ def test_kill_9_cycle_resumes_bitwise(straight: Path, tmp_path: Path):
     the run ends bitwise equal to the uninterrupted one (benchmarks/kill_soak.py --kills N for soaks)."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "toolkit", "train", "gpt-tiny", *SMALL, f"trainer.run_dir={run}"]
-    delivered = soak.kill_cycle(cmd, run, kills=3, max_delay=8.0, rng=random.Random(0), log=lambda _: None)
+    delivered = soak.kill_cycle(cmd, run, kills=3, max_delay=8.0, rng=random.Random(0), final="step_12",
+                                log=lambda _: None)
     assert delivered >= 1
     assert_bitwise_same_run(run, straight)
 
