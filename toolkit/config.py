@@ -251,9 +251,9 @@ def _check_keys(cfg: DictConfig, where: str, lines: dict[str, int] | None = None
                 hint = closest(full, SCHEMA_KEYS)
                 at = f"{where}:{lines[full]}" if lines and full in lines else where
                 raise ConfigError(
-                    f"{at}: unknown config key '{full}'" + (f"; did you mean '{hint}'?" if hint else "")
+                    f"{at}: unknown config key {full!r}" + (f"; did you mean '{hint}'?" if hint else "")
                 )
-            child = node[k]
+            child = node._get_node(k)  # unresolved: an interpolation resolves once every layer is merged
             if isinstance(child, DictConfig) and full + "." in {s[: len(full) + 1] for s in SCHEMA_KEYS}:
                 walk(child, full + ".")
 
@@ -287,12 +287,14 @@ def resolve_recipe(recipe: str) -> Path:
 
 def parse_overrides(overrides: list[str]) -> DictConfig:
     """``KEY=VALUE`` strings → a config, with unknown keys rejected."""
+    import yaml
+
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not KEY=VALUE (e.g. trainer.max_steps=30)")
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. trainer.max_steps=30)")
     try:
         cfg = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, yaml.YAMLError) as e:  # values are parsed as YAML
         raise ConfigError(f"command-line overrides: {first_line(e)}") from None
     _check_keys(cfg, "command line")
     return cfg
@@ -330,14 +332,32 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) ->
         _split_blend_string(layer)
         try:
             merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as e:
-            key = getattr(e, "full_key", None) or ""
+        except (OmegaConfBaseException, TypeError) as e:  # TypeError: a mapping given for a list, which names no key
+            key = getattr(e, "full_key", None) or _list_given_mapping(layer) or ""
             at = f"{where}:{lines[key]}" if key in lines else where
-            msg = first_line(e)
-            raise ConfigError(f"{at}: invalid value for '{key}': {msg}") from None
-    cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+            raise ConfigError(f"{at}: invalid value for {key!r}: {first_line(e)}" if key else
+                              f"{at}: invalid value: {first_line(e)}") from None
+    try:
+        cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]  # resolves ${...} interpolations
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        raise ConfigError(f"cannot resolve {key or 'the config'}: {first_line(e)}; an interpolation ${{KEY}} must "
+                          "name a key of the config that holds a value of the right type") from None
     validate(cfg)
     return cfg
+
+
+def _list_given_mapping(layer: DictConfig, prefix: str = "") -> str | None:
+    """The first key of ``layer`` whose schema type is a list but which holds a mapping."""
+    for k in layer.keys():
+        full, child = f"{prefix}{k}", layer._get_node(k)
+        if isinstance(child, DictConfig):
+            if str(SCHEMA_KEYS.get(full, "")).startswith("List"):
+                return full
+            found = _list_given_mapping(child, full + ".")
+            if found:
+                return found
+    return None
 
 
 def _get(cfg: RunConfig, dotted: str):
@@ -385,8 +405,8 @@ def validate(cfg: RunConfig) -> None:
     if t.exit_signal is not None:
         import signal
 
-        if not (t.exit_signal.startswith("SIG") and hasattr(signal, t.exit_signal)) or t.exit_signal in (
-                "SIGKILL", "SIGSTOP"):
+        if not isinstance(getattr(signal, t.exit_signal, None), signal.Signals) or t.exit_signal in (
+                "SIGKILL", "SIGSTOP"):  # SIG_DFL, SIG_IGN, SIG_BLOCK are attributes of signal but no signals
             raise ConfigError(f"trainer.exit_signal={t.exit_signal!r} is not a signal that can be caught; use a "
                               "name such as SIGUSR1, SIGUSR2 or SIGINT")
     if t.global_batch_size % t.micro_batch_size:
@@ -407,6 +427,26 @@ def validate(cfg: RunConfig) -> None:
                           f"{cfg.task.type}")
     if spec.validate is not None:
         spec.validate(cfg)
+
+
+_MODEL_SIZES = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "ffn_hidden_size", "num_query_groups",
+                "kv_channels", "max_position_embeddings", "vocab_size", "num_decoder_layers", "decoder_seq_length")
+
+
+def check_model_config(cfg: ModelConfig, where: str) -> ModelConfig:
+    """``cfg`` with every field converted to its schema type (``"12"`` → 12), for a ModelConfig built
+    from another program's file (an imported ``config.json``): a value of the wrong type, or a size
+    that is not positive, is a one-line ConfigError naming ``where`` and the field."""
+    try:
+        checked: ModelConfig = OmegaConf.to_object(OmegaConf.structured(cfg))  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{where}: invalid value for model.{key}: {first_line(e)}") from None
+    for key in _MODEL_SIZES:
+        value = getattr(checked, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{where}: model.{key} must be a positive integer, got {value}")
+    return checked
 
 
 # ---- sizes derived from a ModelConfig (shared by the models and the checkpoint mappings) ----------
@@ -445,5 +485,5 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 __all__ = [
     "RunConfig", "ModelConfig", "ParallelConfig", "DataConfig", "TokenizerConfig", "OptimConfig",
     "TrainerConfig", "CheckpointConfig", "LoggingConfig", "WandbConfig", "TaskConfig", "load_config",
-    "list_recipes", "resolve_recipe", "validate", "to_yaml", "save_config", "MISSING",
+    "list_recipes", "resolve_recipe", "validate", "check_model_config", "to_yaml", "save_config", "MISSING",
 ]

@@ -105,6 +105,8 @@ class MegatronIndexedDataset(IndexedDataset):
         lengths = _memmap(idx, np.dtype("<i4"), HEADER_SIZE, n_seq)  # int32 [S]
         pointers = _memmap(idx, np.dtype("<i8"), HEADER_SIZE + 4 * n_seq, n_seq)  # int64 [S], bytes
         doc_index = _memmap(idx, np.dtype("<i8"), HEADER_SIZE + 12 * n_seq, n_doc_idx)  # int64 [D + 1]
+        if n_seq and int(lengths.min()) < 0:
+            raise DataError(f"{idx}: a sequence length is negative ({int(lengths.min())}; corrupt index); {_REBUILD}")
         bin_size = bin_.stat().st_size
         end = int(pointers[-1]) + int(lengths[-1]) * item if n_seq else 0
         if n_seq and (int(pointers[0]) != 0 or end != bin_size):

@@ -22,12 +22,23 @@ import csv
 import gzip
 import io
 import json
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 from toolkit.errors import DataError
 
 Reader = Callable[[Path, str], Iterator[str]]
+
+#: what a damaged gzip stream raises (bad header or CRC, cut short, or a corrupt deflate stream)
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
+def shown(name: object) -> str:
+    """A key or column name as an error message quotes it: as is, or escaped (``'a\\nb'``) when it holds
+    a line break or another unprintable character, so the message stays one line."""
+    text = str(name)
+    return text if text.isprintable() else repr(text)
 
 
 def open_text(path: str | Path) -> TextIO:
@@ -49,8 +60,9 @@ def text_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield lineno, line.rstrip("\n")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason}); convert the file to UTF-8") from None
-    except (gzip.BadGzipFile, EOFError, OSError) as e:
-        raise DataError(f"{path}:{lineno + 1}: cannot read file ({e}); the file may be corrupt or truncated") from None
+    except (*GZIP_ERRORS, OSError) as e:
+        raise DataError(f"{path}:{lineno + 1}: cannot read file ({_one_line(e)}); the file may be corrupt or "
+                        "truncated") from None
 
 
 def json_objects(path: Path) -> Iterator[tuple[int, dict]]:
@@ -74,8 +86,8 @@ def read_jsonl(path: Path, json_key: str = "text") -> Iterator[str]:
     """One JSON object per line; the document is ``obj[json_key]`` (a string). Blank lines are skipped."""
     for lineno, obj in json_objects(path):
         if json_key not in obj:
-            keys = ", ".join(sorted(map(str, obj))[:10]) or "none"
-            raise DataError(f"{path}:{lineno}: no key '{json_key}' (keys: {keys}); pass --json-key KEY")
+            keys = ", ".join(shown(k) for k in sorted(map(str, obj))[:10]) or "none"
+            raise DataError(f"{path}:{lineno}: no key '{shown(json_key)}' (keys: {keys}); pass --json-key KEY")
         text = obj[json_key]
         if text is None:
             continue
@@ -119,7 +131,8 @@ def iter_csv_notes(path: Path, text_column: str = "text", *, skip_errors: bool =
             header = [h.strip().lower() for h in next(reader, [])]
             missing = [c for c in [text_column.lower(), *want] if c not in header]
             if missing:
-                raise DataError(f"{path}:1: no column '{missing[0]}' (columns: {', '.join(header[:12]) or 'none'}); "
+                columns = ", ".join(shown(h) for h in header[:12]) or "none"
+                raise DataError(f"{path}:1: no column '{shown(missing[0])}' (columns: {columns}); "
                                 "pass the text column with --json-key")
             err = header.index("iserror") if skip_errors and "iserror" in header else None
             for row_no, row in enumerate(reader, start=2):
@@ -132,11 +145,11 @@ def iter_csv_notes(path: Path, text_column: str = "text", *, skip_errors: bool =
                 if all(rec[k] in v for k, v in want.items()):
                     yield rec
     except csv.Error as e:
-        raise DataError(f"{path}: record {row_no}: malformed CSV ({e}); the file may be truncated") from None
+        raise DataError(f"{path}: record {row_no}: malformed CSV ({_one_line(e)}); the file may be truncated") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: record {row_no}: not valid UTF-8 ({e.reason}); convert the file to UTF-8") from None
-    except (gzip.BadGzipFile, EOFError) as e:
-        raise DataError(f"{path}: cannot read file ({e}); the file may be corrupt or truncated") from None
+    except GZIP_ERRORS as e:
+        raise DataError(f"{path}: cannot read file ({_one_line(e)}); the file may be corrupt or truncated") from None
 
 
 def read_mimic3(path: Path, json_key: str = "text") -> Iterator[str]:
@@ -161,7 +174,7 @@ def _pyarrow() -> Any:
     try:
         import pyarrow
     except ImportError:  # pragma: no cover - a declared dependency
-        raise DataError("Parquet and datasets-folder input need pyarrow; pip install 'pyarrow>=14'") from None
+        raise DataError("Parquet and datasets-folder input need pyarrow; pip install 'pyarrow>=14.0.1'") from None
     return pyarrow
 
 

@@ -16,6 +16,8 @@ def validate_parallel(cfg: RunConfig, world_size: int) -> None:
     p, m, t = cfg.parallel, cfg.model, cfg.trainer
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     vpp = p.virtual_pipeline_model_parallel_size or 1
+    if world_size < 1:
+        raise ParallelConfigError(f"world size {world_size} must be >= 1 (the number of processes launched)")
     for key, value in (("parallel.tensor_model_parallel_size", tp), ("parallel.pipeline_model_parallel_size", pp),
                        ("parallel.virtual_pipeline_model_parallel_size", vpp), ("parallel.timeout_seconds",
                                                                                  p.timeout_seconds)):

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from toolkit.data.readers import json_objects, open_text, text_lines
+from toolkit.data.readers import GZIP_ERRORS, json_objects, open_text, text_lines
 from toolkit.data.tasks.tags import check_tag, detect_scheme, tags_from_spans, to_iob2
 from toolkit.errors import DataError
 
@@ -214,7 +214,7 @@ def read_jsonl_entities(path: str | Path) -> list[NerExample]:
         for e in entities:
             try:
                 ents.append(Entity(int(e["start"]), int(e["end"]), str(e["label"]), where))
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: Infinity
                 raise DataError(f"{where}: each entity needs integer 'start', 'end' and a 'label', got {e!r}") from None
         docs.append(Document(text, ents, where))
     return [document_example(d) for d in docs]
@@ -315,13 +315,22 @@ def read_table(path: str | Path, *, regression: bool = False) -> list[PairExampl
 
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
+    kind = "TSV" if delimiter == "\t" else "CSV"
     with open_text(path) as fh:
         try:
             reader = csv.DictReader(fh, delimiter=delimiter)
             for row in reader:
-                yield f"{path}:{reader.line_num}", row
+                where = f"{path}:{reader.line_num}"
+                if None in row or None in row.values():  # more fields than the header (restkey), or fewer
+                    n = len(row) - 1 + len(row[None]) if None in row else sum(v is not None for v in row.values())
+                    raise DataError(f"{where}: {n} fields, the header {len(reader.fieldnames)}; quote fields that hold "
+                                    f"the delimiter or line breaks, or fix the row")
+                yield where, row
         except (UnicodeDecodeError, csv.Error) as e:
-            raise DataError(f"{path}: cannot read as {'TSV' if delimiter == chr(9) else 'CSV'}: {e}") from None
+            raise DataError(f"{path}: cannot read as {kind}: {' '.join(str(e).split())}") from None
+        except GZIP_ERRORS as e:
+            raise DataError(f"{path}: cannot read as {kind} ({' '.join(str(e).split())}); the file may be corrupt or "
+                            "truncated") from None
 
 
 def read_examples(path: str | Path, fmt: str | None = None, *, regression: bool = False):
