@@ -258,3 +258,12 @@ def test_check_model_config(fields):
     from toolkit.config import ModelConfig, check_model_config
 
     outcome(check_model_config, ModelConfig(**fields), "config.json")
+
+
+@pytest.mark.parametrize("id2label", [5, [0, 1], {"0": "a", "1\n": "b"}, {"x": "a", "y": "b"}, {"0": "a"}])
+def test_bad_id2label_is_one_line(id2label):
+    from toolkit.convert.adapters import task_from_hf
+
+    with pytest.raises(CheckpointError) as e:
+        task_from_hf({"id2label": id2label}, "token_classification", where="config.json")
+    assert "\n" not in str(e.value) and "id2label" in str(e.value)

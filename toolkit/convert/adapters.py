@@ -73,10 +73,12 @@ def task_from_hf(hf_config: dict, task_type: str, *, where: str) -> TaskConfig |
     if task_type == "regression":
         return TaskConfig(type=task_type)
     id2label = hf_config.get("id2label") or {}
-    try:
-        ids = sorted(int(i) for i in id2label)
-    except (TypeError, ValueError):
-        raise CheckpointError(f"{where}: id2label keys must be integers, got {sorted(id2label)[:5]}") from None
+    if not isinstance(id2label, dict):
+        raise CheckpointError(f"{where}: id2label must map label ids to names, got a {type(id2label).__name__}")
+    keys = list(id2label)
+    if not all(isinstance(k, int) or (isinstance(k, str) and k.isdigit()) for k in keys):
+        raise CheckpointError(f"{where}: id2label keys must be integers, got {[str(k) for k in keys[:5]]!r}")
+    ids = sorted(int(k) for k in keys)
     if ids != list(range(len(ids))) or len(ids) < 2:
         raise CheckpointError(f"{where}: id2label must name labels 0..n-1 (n >= 2), got ids {ids[:10]}")
     labels = [str(id2label.get(str(i), id2label.get(i))) for i in ids]
