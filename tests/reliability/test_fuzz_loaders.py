@@ -13,6 +13,7 @@ import struct
 import zipfile
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 
 from toolkit.convert.safe_load import safe_load
 from toolkit.convert.streaming import SafetensorsSource
-from toolkit.errors import MegaforgeError
+from toolkit.errors import CheckpointError, MegaforgeError
 
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
