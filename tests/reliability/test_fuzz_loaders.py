@@ -227,16 +227,14 @@ def import_config_json(folder):
     return import_hf(folder, folder / "out")
 
 
-# TODO(issue 15, fuzzing): enable once import_hf (toolkit/convert/hf.py) turns a malformed config.json
-# value into a CheckpointError (today: AttributeError for a non-object config.json, TypeError /
-# ZeroDivisionError / KeyError from the families' config_from_hf); see the fuzzing report.
-# @FUZZ
-# @given(config=hf_config)
-# def test_hf_config_values(tmp_path_factory, config):
-#     folder = tmp_path_factory.mktemp("hf")
-#     (folder / "config.json").write_text(json.dumps(config))
-#     (folder / "model.safetensors").write_bytes(SAFETENSORS)
-#     outcome(import_config_json, folder)
+@FUZZ
+@given(config=hf_config)
+def test_hf_config_values(tmp_path_factory, config):
+    """Malformed config.json values (wrong types, zero or negative sizes, a non-object) are one line."""
+    folder = tmp_path_factory.mktemp("hf")
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(SAFETENSORS)
+    outcome(import_config_json, folder)
 
 
 @FUZZ

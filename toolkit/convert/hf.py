@@ -28,7 +28,7 @@ import torch
 from huggingface_hub import snapshot_download
 
 from toolkit.checkpoint.run_dir import load_run_tokenizer, resolve_checkpoint
-from toolkit.config import ModelConfig, load_config
+from toolkit.config import ModelConfig, check_model_config, load_config
 from toolkit.convert.adapters import (
     adapter_for_model_type,
     architecture_of,
@@ -52,7 +52,7 @@ from toolkit.convert.streaming import (
 )
 from toolkit.convert.verify import verify_export, verify_import
 from toolkit.data.tasks.sft import chat_template
-from toolkit.errors import CheckpointError, first_line
+from toolkit.errors import CheckpointError, ConfigError, first_line
 from toolkit.mapping.tables import HFTarget
 from toolkit.tokenization import load_tokenizer
 from toolkit.tokenization.export import export_tokenizer, special_token_ids
@@ -160,9 +160,13 @@ def is_hub_id(src: str | Path) -> bool:
 
 def read_hf_config(folder: Path) -> dict:
     try:
-        return json.loads((folder / "config.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {folder / 'config.json'}: {e}") from None
+        raise CheckpointError(f"cannot read {folder / 'config.json'}: {first_line(e)}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder / 'config.json'} holds a JSON {type(config).__name__}, not an object; it is "
+                              "not a Hugging Face model config")
+    return config
 
 
 def import_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: str | torch.dtype | None = "fp32",
@@ -178,13 +182,20 @@ def import_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: 
     folder = resolve_hf_source(src, revision=revision)
     hf_config = read_hf_config(folder)
     model_type = hf_config.get("model_type")
-    if not model_type:
-        raise CheckpointError(f"{folder / 'config.json'} has no model_type")
+    where = str(folder / "config.json")
+    if not model_type or not isinstance(model_type, str):
+        raise CheckpointError(f"{where} has no model_type (a string such as \"gpt2\" or \"bert\")")
     adapter, target = adapter_for_model_type(model_type)
     source: TensorSource = SafetensorsSource(folder)
-    if adapter.import_target is not None:  # the tensors decide (BERT: a headless BertModel folder, a task model)
-        target = adapter.import_target(model_type, frozenset(source.names()), hf_config) or target
-    mcfg = target.import_config(hf_config, source.names())
+    try:
+        if adapter.import_target is not None:  # the tensors decide (BERT: a headless BertModel folder, a task model)
+            target = adapter.import_target(model_type, frozenset(source.names()), hf_config) or target
+        mcfg = check_model_config(target.import_config(hf_config, source.names()), where)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, OverflowError, AttributeError) as e:
+        raise CheckpointError(f"{where}: a value has the wrong type or is out of range ({first_line(e)}); is it a "
+                              f"{model_type} config as transformers writes it?") from None
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     task = task_from_hf(hf_config, target.task, where=str(folder / "config.json"))
     if target.tied_aliases:
         source = AliasedSource(source, target.tied_aliases)
