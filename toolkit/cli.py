@@ -246,11 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", default=None, help="output folder (default: the spec's name under tokenizers/)")
     t.set_defaults(func=_cmd_tokenizer_train)
 
-    s = command("convert", help="convert checkpoints: megaforge ↔ Hugging Face, Megatron-LM → megaforge or Hugging Face")
-    s.add_argument("src", help="megaforge run dir or step_N folder, Hugging Face folder or Hub id, or "
-                               "Megatron-LM checkpoint folder, legacy or megatron-core (detected automatically)")
-    s.add_argument("out", help="output folder")
-    s.add_argument("--to", required=True, choices=["hf", "megaforge"], help="output format")
+    s = command("convert", help="convert checkpoints: megaforge ↔ Hugging Face, megaforge ↔ NeMo, Megatron-LM → "
+                                "megaforge or Hugging Face")
+    s.add_argument("src", help="megaforge run dir or step_N folder, Hugging Face folder or Hub id, "
+                               "Megatron-LM checkpoint folder (legacy or megatron-core), NeMo 1.x .nemo file or "
+                               "NeMo 2.0 folder (detected automatically)")
+    s.add_argument("out", help="output folder (--to nemo: the .nemo file)")
+    s.add_argument("--to", required=True, choices=["hf", "megaforge", "nemo"],
+                   help="output format (nemo: a NeMo 1.x .nemo archive of a megaforge GPT run)")
     s.add_argument("--verify", action="store_true",
                    help="compare logits of both sides on a probe batch (and tokenizer ids); exit 1 above tolerance")
     s.add_argument("--max-shard-size", default="2GB", help="split safetensors above this size (default 2GB)")
@@ -260,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer to bundle with an import or a Megatron-LM → Hugging Face conversion (file, "
                         "folder or shipped name)")
     s.add_argument("--vocab-size", type=int, default=None,
-                   help="true vocabulary size of a Megatron-LM checkpoint (padding rows are dropped)")
+                   help="true vocabulary size of a Megatron-LM or NeMo checkpoint (padding rows are dropped)")
     s.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| for --verify (default 1e-4)")
     s.add_argument("--tensor-parallel", type=int, default=1,
                    help="--to megaforge: lay the checkpoint out for this tensor-parallel size (vocabulary padding, "

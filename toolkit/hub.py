@@ -122,7 +122,7 @@ def _check_loads(transformers, folder: Path) -> ModelInfo:
         raise PublishError(f"{folder} has no config.json: not a Hugging Face model folder (export a run with "
                            "`megaforge convert RUN OUT --to hf` first)")
     try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise PublishError(f"{folder / 'config.json'} does not load with transformers: {first_line(e)}") from None
     architecture = (getattr(config, "architectures", None) or [None])[0]
@@ -136,7 +136,7 @@ def _check_loads(transformers, folder: Path) -> ModelInfo:
         raise PublishError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_VOCAB_FILES[:3])}, …); export the "
                            "run with its tokenizer/ folder present")
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         ids = tokenizer(PROBE_TEXT)["input_ids"]
     except Exception as e:
         raise PublishError(f"the tokenizer in {folder} does not load with transformers ({first_line(e)}); "
@@ -147,7 +147,8 @@ def _check_loads(transformers, folder: Path) -> ModelInfo:
     dtype_kw = {"dtype": "auto"} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": "auto"}
     try:
         model, report = getattr(transformers, auto_class).from_pretrained(
-            folder, local_files_only=True, output_loading_info=True, **dtype_kw)
+            folder, local_files_only=True, output_loading_info=True, trust_remote_code=False, use_safetensors=True,
+            **dtype_kw)
     except Exception as e:
         raise PublishError(f"the weights in {folder} do not load with transformers.{auto_class}: "
                            f"{first_line(e)}") from None
@@ -210,15 +211,21 @@ def select_files(folder: Path, include: tuple[str, ...] = ()) -> tuple[list[tupl
         raise PublishError(f"{folder} is a megaforge run directory; export it first with "
                            f"`megaforge convert {folder} OUT --to hf --verify` and publish OUT")
     files, skipped = [], []
+    root = folder.resolve()
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
         if any(part.startswith(".") for part in rel.split("/")):
             if path.is_file():
                 skipped.append(rel)  # .cache/, .gitattributes, editor files: never sent
             continue
-        if not path.is_file():
-            if path.is_symlink():
+        if path.is_symlink():
+            if not path.exists():
                 raise PublishError(f"{path} is a broken link; remove it before publishing")
+            target = path.resolve()
+            if not target.is_relative_to(root):  # its target would be uploaded under the link's name
+                raise PublishError(f"{path} is a symbolic link to {target}, outside {folder}; copy that file into "
+                                   "the folder instead, or remove the link")
+        if not path.is_file():
             continue
         size = path.stat().st_size
         why = _refusal(rel, size)
@@ -247,17 +254,32 @@ def select_files(folder: Path, include: tuple[str, ...] = ()) -> tuple[list[tupl
 # ---------------------------------------------------------------------------- publishing
 
 
+def check_repo_id(repo_id: str) -> None:
+    """A one-line :class:`PublishError` unless ``repo_id`` is NAMESPACE/NAME as the Hub accepts it
+    (``huggingface_hub.utils.validate_repo_id``: no ``..`` or ``--``, no leading or trailing ``.``/``-``,
+    at most 96 characters)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    hint = "write it as NAMESPACE/NAME, e.g. alice/gpt-tiny"
+    if not isinstance(repo_id, str) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise PublishError(f"{repo_id!r} is not a Hub repository id; {hint}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        reason = first_line(e).split(f": '{repo_id}'")[0].rstrip(".")
+        raise PublishError(f"{repo_id!r} is not a Hub repository id ({reason}); {hint}") from None
+
+
 def publish(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
             dry_run: bool = False, overwrite_card: bool = False, card_options: CardOptions = CardOptions(),
             include: tuple[str, ...] = (), commit_message: str | None = None,
             endpoint: str | None = None) -> PublishPlan:
     """Check ``folder``, write its model card and upload it to ``repo_id`` in one commit (see the module
     docstring). ``dry_run``: print what would be sent and the card; nothing is written or contacted."""
+    check_repo_id(repo_id)  # first: a dry run must fail on an id the Hub would refuse
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise PublishError(f"{folder} is not a folder; pass the output folder of `megaforge convert ... --to hf`")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) or len(repo_id.split("/")[-1]) > 96:
-        raise PublishError(f"{repo_id!r} is not a Hub repository id; write it as NAMESPACE/NAME, e.g. alice/gpt-tiny")
     revision = revision or "main"
     files, skipped = select_files(folder, tuple(include))
     info = check_loads(folder)

@@ -170,16 +170,14 @@ def test_safetensors_headers(tmp_path_factory, raw):
         outcome(source.load, source.names())
 
 
-# TODO(issue 15, fuzzing): enable once SafetensorsSource (toolkit/convert/streaming.py) refuses an
-# index whose JSON is not {"weight_map": {name: file}} with a CheckpointError (it raises TypeError /
-# AttributeError today); see the fuzzing report.
-# @FUZZ
-# @given(index=st.one_of(json_values, st.builds(lambda m: {"weight_map": m}, json_values)))
-# def test_safetensors_index(tmp_path_factory, index):
-#     folder = tmp_path_factory.mktemp("sti")
-#     (folder / "model.safetensors").write_bytes(SAFETENSORS)
-#     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-#     outcome(SafetensorsSource, folder)
+@FUZZ
+@given(index=st.one_of(json_values, st.builds(lambda m: {"weight_map": m}, json_values)))
+def test_safetensors_index(tmp_path_factory, index):
+    """An index whose JSON is not {"weight_map": {name: file}} is one line."""
+    folder = tmp_path_factory.mktemp("sti")
+    (folder / "model.safetensors").write_bytes(SAFETENSORS)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    outcome(SafetensorsSource, folder)
 
 
 @FUZZ

@@ -91,14 +91,17 @@ def test_every_deserializer_in_toolkit_is_guarded():
                 assert _keyword(node, "allow_pickle") is False, f"{where}: np.load without allow_pickle=False"
                 found.setdefault("np.load", []).append(rel)
             method = node.func.attr if isinstance(node.func, ast.Attribute) else ""
-            if method == "read_metadata" or name == "dcp.load":  # DCP's .metadata is a plain pickle
-                found.setdefault("dcp.load" if name == "dcp.load" else method, []).append(rel)
-    assert set(found["torch.load"]) == {"toolkit/convert/safe_load.py"}
+            if (method == "read_metadata" and name != "safe_dcp.read_metadata") or name == "dcp.load":
+                found.setdefault("dcp.load" if name == "dcp.load" else method, []).append(rel)  # torch's: plain pickle
+    assert set(found["torch.load"]) == {"toolkit/convert/safe_load.py", "toolkit/checkpoint/safe_dcp.py"}
     assert set(found["np.load"]) == {"toolkit/data/gpt_dataset.py", "toolkit/data/bert_dataset.py"}
-    assert set(found["read_metadata"]) == {"toolkit/convert/streaming.py", "toolkit/checkpoint/reshard.py"}
-    assert set(found["dcp.load"]) == {"toolkit/convert/streaming.py", "toolkit/checkpoint/native.py"}
-    # preprocess only pickles (pickle.dumps: can the tokenizer go to worker processes as it is?)
-    assert found.get("import pickle") == ["toolkit/data/preprocess.py"]
+    # DCP checkpoints are read only through safe_dcp (allow-listed .metadata, weights_only non-tensor entries;
+    # tests/reliability/test_security_fixes.py checks every FileSystemReader and dcp.load call)
+    assert set(found["read_metadata"]) == {"toolkit/checkpoint/safe_dcp.py"}
+    assert set(found["dcp.load"]) == {"toolkit/checkpoint/safe_dcp.py"}
+    # preprocess only pickles (pickle.dumps: can the tokenizer go to worker processes as it is?); safe_dcp
+    # subclasses pickle.Unpickler with an allow-list (find_class)
+    assert sorted(found.get("import pickle", [])) == ["toolkit/checkpoint/safe_dcp.py", "toolkit/data/preprocess.py"]
     assert "pickle.load" not in (TOOLKIT / "data" / "preprocess.py").read_text()
 
 

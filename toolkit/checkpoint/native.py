@@ -13,6 +13,8 @@ fails (disk full, permissions) removes its ``.tmp`` folder and leaves the earlie
 ``latest`` as they were. Loading checks the checksums first; a resume passes over a damaged
 checkpoint to the newest intact one. Keys are the
 single-device parameter names whatever the parallel layout, so any layout loads into any other.
+Every read goes through :mod:`toolkit.checkpoint.safe_dcp`: ``.metadata`` is unpickled with an
+allow-list and non-tensor entries with ``weights_only=True``, so loading a checkpoint runs no code.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from toolkit.checkpoint.integrity import find_damage, write_checksums
 from toolkit.checkpoint.reshard import apply_padding_fixes, prepare_padding_fixes, saved_tensor_shapes
+from toolkit.checkpoint.safe_dcp import load as load_dcp
 from toolkit.errors import CheckpointError
 
 TRAINER_STATE = "trainer_state.json"
@@ -276,9 +279,12 @@ class CheckpointManager:
         # a layout with another tp pads the vocabulary differently: load those tensors re-padded
         fixes = prepare_padding_fixes(state, saved_tensor_shapes(path), vocab_size=_vocab_size(model),
                                       where=str(path))
-        try:
-            dcp.load(state, checkpoint_id=str(path), process_group=process_group)
-        except Exception as e:  # DCP raises CheckpointException with per-rank tracebacks inside
+        try:  # through safe_dcp: its .metadata and non-tensor entries are not unpickled freely
+            load_dcp(state, path, process_group=process_group)
+        except CheckpointError:
+            raise
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException (a BaseException) has
+            # per-rank tracebacks inside
             raise CheckpointError(f"cannot load checkpoint {path}: {_first_line(e)}; was it written by a "
                                   "different model configuration?") from None
         trainer_state["repadded"] = apply_padding_fixes(fixes)

@@ -20,22 +20,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from toolkit.checkpoint.safe_dcp import read_metadata
 from toolkit.errors import CheckpointError
 
 
 def saved_tensor_shapes(path: str | Path) -> dict[str, torch.Size]:
     """Global shape of every tensor in the DCP checkpoint at ``path``, by flattened key
     (``model.embed.tokens.weight``, ``optim.state.embed.tokens.weight.exp_avg``, …)."""
-    metadata = FileSystemReader(str(path)).read_metadata()
+    metadata = read_metadata(path)
     return {k: torch.Size(v.size) for k, v in metadata.state_dict_metadata.items()
             if isinstance(v, TensorStorageMetadata)}
 
 
 def has_optimizer_state(path: str | Path) -> bool:
-    metadata = FileSystemReader(str(path)).read_metadata()
+    metadata = read_metadata(path)
     return any(k.startswith("optim.") for k in metadata.state_dict_metadata)
 
 

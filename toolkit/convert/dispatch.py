@@ -1,6 +1,7 @@
 """What ``megaforge convert`` runs: :func:`detect_source` tells what a path or id holds, and
 :func:`convert` sends it to the Hugging Face exporter or importer, the Megatron-LM importer (to a
-megaforge folder, or on to a Hugging Face folder in one step) or the offline resharder."""
+megaforge folder, or on to a Hugging Face folder in one step), the NeMo importer and exporter
+(:mod:`toolkit.convert.nemo`) or the offline resharder."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 from toolkit.checkpoint.native import is_complete
 from toolkit.convert.adapters import family_adapter
 from toolkit.convert.hf import export_hf, import_hf, is_hub_id
+from toolkit.convert.megaforge_folder import check_new_run_dir
 from toolkit.convert.megatron_legacy import RANK_FILE, check_imported_logits, is_megatron_checkpoint, plan_megatron
+from toolkit.convert.nemo import export_nemo, import_nemo, is_nemo_archive, is_nemo_source, nemo_to_hf
 from toolkit.convert.provenance import update_provenance
 from toolkit.convert.reshard import reshard_offline
 from toolkit.errors import CheckpointError
@@ -20,17 +23,22 @@ logger = logging.getLogger(__name__)
 
 
 def detect_source(src: str | Path) -> str:
-    """``megaforge`` (run dir or step folder), ``megatron`` (legacy checkpoint) or ``hf`` (folder or Hub id)."""
+    """``megaforge`` (run dir or step folder), ``nemo`` (a ``.nemo`` archive or its unpacked folder, a
+    NeMo 2.0 folder), ``megatron`` (legacy checkpoint) or ``hf`` (folder or Hub id)."""
     path = Path(src).expanduser()
     if path.is_dir():
         if is_complete(path) or ((path / "config.yaml").is_file() and (path / "checkpoints").is_dir()):
             return "megaforge"
+        if is_nemo_source(path):
+            return "nemo"
         if is_megatron_checkpoint(path):
             return "megatron"
         if (path / "config.json").is_file():
             return "hf"
-        raise CheckpointError(f"cannot tell what {path} holds: not a megaforge run/checkpoint, a Megatron-LM "
-                              "checkpoint or a Hugging Face folder")
+        raise CheckpointError(f"cannot tell what {path} holds: not a megaforge run/checkpoint, a NeMo or "
+                              "Megatron-LM checkpoint or a Hugging Face folder")
+    if is_nemo_archive(path):
+        return "nemo"
     if path.exists():
         hint = (f"; give its checkpoint folder, {path.parent.parent}" if path.name == RANK_FILE
                 else "; give the folder that holds the checkpoint")
@@ -38,6 +46,10 @@ def detect_source(src: str | Path) -> str:
     if not is_hub_id(src):
         raise CheckpointError(f"{src} does not exist (and is not a Hugging Face Hub id)")
     return "hf"
+
+
+_KIND_NAMES = {"hf": "Hugging Face model", "megatron": "Megatron-LM checkpoint", "nemo": "NeMo checkpoint",
+               "megaforge": "megaforge run"}
 
 
 def _is_local(src: str | Path) -> bool:
@@ -48,13 +60,22 @@ def convert(src: str | Path, out: str | Path, *, to: str, verify: bool = False, 
             max_shard_size: int | str = "2GB", tokenizer: str | None = None, vocab_size: int | None = None,
             tolerance: float = 1e-4, tensor_parallel: int = 1, pipeline_parallel: int = 1,
             virtual_pipeline: int | None = None) -> Path:
-    """What ``megaforge convert`` runs: detect what ``src`` is and convert it ``to`` hf or megaforge
-    (``--to megaforge`` with ``tensor_parallel``/``pipeline_parallel`` lays the result out for that
-    layout; a megaforge source is then resharded offline). A Megatron-LM checkpoint goes ``--to hf``
-    in one step (:func:`megatron_to_hf`)."""
-    if to not in ("hf", "megaforge"):
-        raise CheckpointError(f"--to {to!r} is not one of hf, megaforge")
+    """What ``megaforge convert`` runs: detect what ``src`` is and convert it ``to`` hf, megaforge or
+    nemo (``--to megaforge`` with ``tensor_parallel``/``pipeline_parallel`` lays the result out for that
+    layout; a megaforge source is then resharded offline). A Megatron-LM or NeMo checkpoint goes
+    ``--to hf`` in one step (:func:`megatron_to_hf`, :func:`~toolkit.convert.nemo.nemo_to_hf`); a
+    megaforge GPT run goes ``--to nemo`` as a NeMo 1.x ``.nemo`` archive."""
+    if to not in ("hf", "megaforge", "nemo"):
+        raise CheckpointError(f"--to {to!r} is not one of hf, megaforge, nemo")
     kind = detect_source(src)
+    if to == "nemo":
+        if kind != "megaforge":
+            raise CheckpointError(f"--to nemo needs a megaforge run directory or checkpoint; {src} is a "
+                                  f"{_KIND_NAMES[kind]} (convert it --to megaforge first)")
+        if tensor_parallel > 1 or pipeline_parallel > 1:
+            raise CheckpointError("--tensor-parallel/--pipeline-parallel apply to --to megaforge; a .nemo export "
+                                  "is written without model parallelism")
+        return export_nemo(src, out, dtype=dtype, verify=verify, tolerance=tolerance)
     if to == "hf":
         if tensor_parallel > 1 or pipeline_parallel > 1:
             raise CheckpointError("--tensor-parallel/--pipeline-parallel apply to --to megaforge; a Hugging Face "
@@ -65,6 +86,9 @@ def convert(src: str | Path, out: str | Path, *, to: str, verify: bool = False, 
                                       "checkpoint, or a Megatron-LM checkpoint folder")
             raise CheckpointError(f"--to hf needs a megaforge run directory or checkpoint, or a Megatron-LM "
                                   f"checkpoint; {src} is a Hugging Face model (it already is one)")
+        if kind == "nemo":
+            return nemo_to_hf(src, out, verify=verify, dtype=dtype, max_shard_size=max_shard_size,
+                              tokenizer=tokenizer, vocab_size=vocab_size, tolerance=tolerance)
         if kind == "megatron":
             return megatron_to_hf(src, out, verify=verify, dtype=dtype, max_shard_size=max_shard_size,
                                   tokenizer=tokenizer, vocab_size=vocab_size, tolerance=tolerance)
@@ -78,8 +102,12 @@ def convert(src: str | Path, out: str | Path, *, to: str, verify: bool = False, 
                                tokenizer=tokenizer, vocab_size=vocab_size, tolerance=tolerance)
             return reshard_offline(imported, out, tensor_parallel=tensor_parallel,
                                    pipeline_parallel=pipeline_parallel, virtual_pipeline=virtual_pipeline)
+    check_new_run_dir(out)  # before a download or a plan: an import never overwrites a run
     if kind == "hf":
         return _import_hf(src, out, verify=verify, dtype=dtype, tokenizer=tokenizer, tolerance=tolerance)
+    if kind == "nemo":
+        return import_nemo(src, out, tokenizer=tokenizer, vocab_size=vocab_size, dtype=dtype or "fp32",
+                           verify=verify)
     plan = plan_megatron(src, tokenizer=tokenizer, vocab_size=vocab_size)
     result = plan.write(out, dtype=dtype or "fp32")
     if verify:

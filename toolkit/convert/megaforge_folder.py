@@ -34,6 +34,17 @@ def check_saved_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
                result_name=f"its copy saved in {folder}").raise_if_failed()
 
 
+def check_new_run_dir(out: str | Path) -> None:
+    """A one-line :class:`CheckpointError` when ``out`` already holds a run (``config.yaml`` or
+    ``checkpoints/``): an import would replace its ``step_0``, repoint ``latest`` and overwrite its
+    config."""
+    out = Path(out)
+    held = [name for name in ("config.yaml", "checkpoints") if (out / name).exists() or (out / name).is_symlink()]
+    if held:
+        raise CheckpointError(f"{out} already holds {' and '.join(held)} (a megaforge run); an import writes a new "
+                              "run directory and would overwrite it — pick an empty or new output folder")
+
+
 def write_megaforge_folder(out: str | Path, mcfg: ModelConfig, steps: list[Step], source: TensorSource,
                            ctx: MappingContext, *, tokenizer, dtype: str | torch.dtype | None, trainer_state: dict,
                            where: str, name: str = "imported", description: str = "",
@@ -41,9 +52,11 @@ def write_megaforge_folder(out: str | Path, mcfg: ModelConfig, steps: list[Step]
     """Write ``out/config.yaml``, ``out/tokenizer/`` and ``out/checkpoints/step_0`` (+ ``latest``),
     producing our tensors from ``source`` through ``steps`` one at a time. ``ctx.padded_vocab_size``
     must be the padding for ``tensor_parallel_size``. ``task``: the task head the tensors include (an
-    imported fine-tuned model), written as the folder's ``task`` section."""
+    imported fine-tuned model), written as the folder's ``task`` section. An ``out`` that already holds
+    a run is refused (:func:`check_new_run_dir`)."""
     if tensor_parallel_size < 1:
         raise CheckpointError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
+    check_new_run_dir(out)
     cfg = RunConfig(name=name or "imported", description=description, model=mcfg,
                     parallel=ParallelConfig(tensor_model_parallel_size=tensor_parallel_size))
     if task is not None:

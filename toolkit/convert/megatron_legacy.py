@@ -54,7 +54,7 @@ from toolkit.convert.verify import VerificationError, our_logits, probe_ids
 from toolkit.errors import CheckpointError
 from toolkit.mapping.megatron import BERT_MARKERS, canonical_megatron_name, unsupported_megatron_tensor
 from toolkit.mapping.tables import MappingContext, Step, TemplateTable
-from toolkit.tokenization import load_tokenizer
+from toolkit.tokenization import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -304,12 +304,16 @@ def config_from_args(args: Any, vocab_size: int, *, family: str = "gpt", num_tok
 class MegatronShards:
     """All rank files of one iteration, merged lazily into single-device canonical tensors."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, *, files: dict[tuple[int, int], Path] | None = None,
+                 states: dict[tuple[int, int], dict] | None = None):
+        """``files`` and ``states`` (hook for other containers of Megatron state dicts, e.g. NeMo's
+        :mod:`toolkit.convert.nemo`): (tp, pp) → the file each rank's state came from, and the states
+        already read (``args``, ``checkpoint_version``, ``model``); without them the rank files are read."""
         self.folder = folder
-        self.files = rank_files(folder)
+        self.files = files if files is not None else rank_files(folder)
         self.tp = 1 + max(t for t, _ in self.files)
         self.pp = 1 + max(p for _, p in self.files)
-        self.states = {k: safe_load(f) for k, f in sorted(self.files.items())}
+        self.states = states if states is not None else {k: safe_load(f) for k, f in sorted(self.files.items())}
         first = self.states[(0, 0)]
         self.args = first.get("args")
         self.version = float(first.get("checkpoint_version", 0) or 0)
@@ -454,6 +458,7 @@ class MegatronImport:
     steps: list[Step]
     source: LazySource
     shapes_checked: int
+    label: str = "Megatron-LM"  # what the messages call the source (NeMo imports say NeMo)
 
     def write(self, out: str | Path, *, dtype: str | torch.dtype | None = "fp32", announce: bool = True) -> Path:
         """Write the megaforge folder ``out`` (``dtype`` None keeps the checkpoint's own); ``announce``:
@@ -464,9 +469,9 @@ class MegatronImport:
         out = write_megaforge_folder(out, self.cfg, self.steps, self.source, self.ctx, tokenizer=self.tokenizer,
                                      dtype=dtype, trainer_state=state, where=str(self.folder),
                                      name=Path(str(self.src)).name,
-                                     description=f"imported from Megatron-LM checkpoint {self.src}")
+                                     description=f"imported from {self.label} checkpoint {self.src}")
         say = logger.info if announce else logger.debug
-        say(f"imported Megatron-LM {self.cfg.family.upper()} checkpoint {self.folder} (tensor parallel {shards.tp}, "
+        say(f"imported {self.label} {self.cfg.family.upper()} checkpoint {self.folder} (tensor parallel {shards.tp}, "
             f"pipeline {shards.pp}, version {shards.version:g}) → {out}")
         return out
 
@@ -477,13 +482,16 @@ _HEAD_SPELLINGS = {"lm_head.dense.weight": "'lm_head.dense.weight'",
                    "lm_head.bias": "'lm_head.bias' (legacy) or 'output_layer.bias' (megatron-core)"}
 
 
-def plan_megatron(src: str | Path, *, tokenizer: str | Path | None = None,
-                  vocab_size: int | None = None) -> MegatronImport:
+def plan_megatron(src: str | Path, *, tokenizer: str | Path | Tokenizer | None = None,
+                  vocab_size: int | None = None, shards: MegatronShards | None = None,
+                  label: str = "Megatron-LM") -> MegatronImport:
     """Read a Megatron-LM checkpoint (legacy or megatron-core names), tell its family, build its
-    config from ``args``, check the merged tensors' shapes against it and plan the conversion."""
-    folder = iteration_dir(Path(src))
-    shards = MegatronShards(folder)
-    tok = load_tokenizer(str(tokenizer)) if tokenizer is not None else None
+    config from ``args``, check the merged tensors' shapes against it and plan the conversion.
+    ``shards``: states already read from another container (NeMo), named ``label`` in messages."""
+    if shards is None:
+        shards = MegatronShards(iteration_dir(Path(src)))
+    folder = shards.folder
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) or tokenizer is None else load_tokenizer(str(tokenizer))
     padded = _arg(shards.args, "padded_vocab_size") if shards.args is not None else None
     vocab = vocab_size or (tok.vocab_size if tok is not None else None) or \
         (_arg(shards.args, "vocab_size") if shards.args is not None else None)
@@ -528,7 +536,7 @@ def plan_megatron(src: str | Path, *, tokenizer: str | Path | None = None,
         steps = table.plan("from_hf", source.names(), ctx, where=str(folder))
     except CheckpointError as e:  # name the tensor as the checkpoint spells it
         raise CheckpointError(_with_origin(str(e), shards.origin)) from None
-    return MegatronImport(Path(str(src)), folder, shards, cfg, tok, ctx, steps, source, checked)
+    return MegatronImport(Path(str(src)), folder, shards, cfg, tok, ctx, steps, source, checked, label)
 
 
 def _with_origin(message: str, origin: dict[str, str]) -> str:

@@ -8,11 +8,17 @@ metrics. Everything in it is copied from the run directory the export was made f
 * ``checkpoint`` — step, consumed samples, parallel layout and seed from ``trainer_state.json``,
 * ``last_metrics`` / ``last_eval`` — the last ``metrics.jsonl`` record up to that step, and the
   last one holding a validation loss.
+
+``publish`` uploads this file, so local paths are recorded by their last part only, as the model
+card shows them (:func:`public_config`): ``/home/me/runs/gpt`` becomes ``gpt``. A Hub id in
+``checkpoint.init_from`` and a shipped name (``english-bpe``, ``ncbi:train``) stay as they are.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -49,14 +55,62 @@ def last_metrics(run_dir: Path, up_to_step: int | None) -> tuple[dict | None, di
 
 
 def evaluations(run_dir: Path) -> dict:
-    """``{split: metrics}`` from the run's ``eval_<split>.json`` files (``megaforge evaluate``)."""
+    """``{split: metrics}`` from the run's ``eval_<split>.json`` files (``megaforge evaluate``), their
+    ``data`` and ``checkpoint`` paths cut to the last part."""
     out = {}
     for path in sorted(Path(run_dir).glob("eval_*.json")):
         try:
-            out[path.stem.removeprefix("eval_")] = json.loads(path.read_text())
+            record = json.loads(path.read_text())
         except ValueError:
             continue
+        if isinstance(record, dict):  # the data file and checkpoint evaluated, by name only
+            record.update({k: name_only(record[k]) for k in ("data", "checkpoint") if k in record})
+        out[path.stem.removeprefix("eval_")] = record
     return out
+
+
+#: config keys (section, key) that hold a local path: recorded as the path's last part
+_PATH_KEYS = (("trainer", "run_dir"), ("tokenizer", "path"), ("data", "index_cache_dir"),
+              ("logging.tensorboard", "dir"), ("task", "train_file"), ("task", "valid_file"), ("task", "test_file"))
+
+
+def name_only(value):
+    """The last part of a path given as ``value`` (``/data/notes.jsonl`` → ``notes.jsonl``); any other
+    value as it is (``None``, a number, a name without a separator)."""
+    if isinstance(value, str) and ("/" in value or os.sep in value):
+        return Path(value.rstrip("/" + os.sep)).name or value.strip("/" + os.sep) or "/"
+    return value
+
+
+def _is_hub_id(value: str) -> bool:
+    return (not value.startswith((".", "/", "~")) and not Path(value).expanduser().exists()
+            and re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None)
+
+
+def public_config(config: dict) -> dict:
+    """``config`` (a resolved RunConfig as a mapping, changed in place) with its local paths cut to
+    their last part: what ``megaforge.json`` may show to whoever downloads the export."""
+    for dotted, key in _PATH_KEYS:
+        section = config
+        for part in dotted.split("."):
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict) and key in section:
+            section[key] = name_only(section[key])
+    data = config.get("data")
+    prefixes = data.get("data_prefix") if isinstance(data, dict) else None
+    if isinstance(prefixes, list):  # weights (numbers) stay as they are
+        data["data_prefix"] = [name_only(p) for p in prefixes]
+    elif isinstance(prefixes, str):  # "0.7 /data/a 0.3 /data/b"
+        data["data_prefix"] = " ".join(name_only(p) for p in prefixes.split())
+    checkpoint = config.get("checkpoint")
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("init_from"), str) \
+            and not _is_hub_id(checkpoint["init_from"]):
+        checkpoint["init_from"] = name_only(checkpoint["init_from"])
+    task = config.get("task")
+    template = task.get("chat_template") if isinstance(task, dict) else None
+    if isinstance(template, str) and "{" not in template and "\n" not in template:  # a file name, not a template
+        task["chat_template"] = name_only(template)
+    return config
 
 
 def write_provenance(out: Path, run_dir: Path, step_dir: Path, cfg: RunConfig) -> Path:
@@ -71,7 +125,7 @@ def write_provenance(out: Path, run_dir: Path, step_dir: Path, cfg: RunConfig) -
         "last_metrics": metrics,
         "last_eval": evaluation,
         "evaluations": evaluations(run_dir),
-        "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+        "config": public_config(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)),
     }
     path = Path(out) / PROVENANCE_FILE
     path.write_text(json.dumps(record, indent=2) + "\n")
@@ -98,5 +152,5 @@ def update_provenance(folder: Path, *, tokenizer: str | None) -> None:
         return
     config = record.get("config")
     if isinstance(config, dict) and isinstance(config.get("tokenizer"), dict):
-        config["tokenizer"]["path"] = tokenizer
+        config["tokenizer"]["path"] = name_only(tokenizer)
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -4,7 +4,8 @@ conversion step (a layer's q/k/v), never the whole model.
 Sources (``names()``, ``meta(name)`` without reading data, ``load(names)``):
 
 * :class:`DCPSource` — the model entries of a native DCP checkpoint, read through
-  ``torch.distributed.checkpoint``'s metadata and ``FileSystemReader`` for just the tensors asked.
+  ``torch.distributed.checkpoint``'s metadata and a ``FileSystemReader`` for just the tensors asked,
+  both through :mod:`toolkit.checkpoint.safe_dcp` (no free unpickling).
 * :class:`SafetensorsSource` — a Hugging Face folder (one file or an index of shards): headers
   checked with ``safe_open``, each tensor read with ``readinto`` into a buffer of its own. Not
   through a memory map: every mapped page read stays resident (RSS grew to the model size on a
@@ -32,11 +33,14 @@ from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from toolkit.checkpoint.native import LATEST, TRAINER_STATE
+from toolkit.checkpoint.safe_dcp import load as load_dcp
+from toolkit.checkpoint.safe_dcp import read_metadata
 from toolkit.errors import CheckpointError, first_line
 from toolkit.mapping.tables import MappingContext, Step, check_shapes
 
@@ -71,7 +75,9 @@ class DCPSource:
     def __init__(self, path: str | Path, prefix: str = "model."):
         self.path, self.prefix = Path(path), prefix
         try:
-            md = FileSystemReader(str(self.path)).read_metadata()
+            md = read_metadata(self.path)
+        except CheckpointError:
+            raise
         except Exception as e:  # missing or corrupt .metadata
             raise CheckpointError(f"cannot read DCP metadata of {self.path} ({first_line(e)}); "
                                   "is it a complete megaforge checkpoint?") from None
@@ -90,8 +96,10 @@ class DCPSource:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
-        except Exception as e:
+                load_dcp(state, self.path, no_dist=True)
+        except CheckpointError:
+            raise
+        except (Exception, CheckpointException) as e:
             raise CheckpointError(f"cannot read {', '.join(names)} from {self.path}: {first_line(e)}") from None
         return [state[self.prefix + n] for n in names]
 
@@ -107,9 +115,17 @@ class SafetensorsSource:
         if index.is_file():
             try:
                 weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
-            files = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({first_line(e)}); it must map "
+                                      "tensor names to shard file names under 'weight_map'") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index} is not a valid safetensors index: 'weight_map' must map tensor names "
+                                      "to shard file names")
+            files = sorted(set(weight_map.values()), key=str)
+            for f in files:  # shards are files of this folder: never ../x, an absolute path or a subfolder
+                if not isinstance(f, str) or f in ("", ".", "..") or Path(f).name != f or "\\" in f:
+                    raise CheckpointError(f"{index} names the shard {f!r}, which is not a file name in {self.folder}; "
+                                          "fix the index so that it lists only file names of that folder")
         elif (self.folder / SINGLE_FILE).is_file():
             files, weight_map = [SINGLE_FILE], {}
         else:
@@ -132,7 +148,7 @@ class SafetensorsSource:
                 raise CheckpointError(f"cannot open {path}: {first_line(e)}") from None
         missing = sorted(set(weight_map) - set(self._tensors))
         if missing:
-            raise CheckpointError(f"{index} lists '{missing[0]}' but no shard holds it; the download is incomplete")
+            raise CheckpointError(f"{index} lists {missing[0]!r} but no shard holds it; the download is incomplete")
 
     def names(self) -> list[str]:
         return list(self._tensors)

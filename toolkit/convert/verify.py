@@ -30,6 +30,7 @@ from torch import nn
 
 from toolkit.checkpoint.run_dir import load_megaforge_model
 from toolkit.convert.adapters import export_target
+from toolkit.convert.streaming import INDEX_FILE, SINGLE_FILE
 from toolkit.errors import CheckpointError
 from toolkit.tokenization.fidelity import FidelityReport, check_export, check_import
 
@@ -239,9 +240,15 @@ def _round_weights(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
 
 
 def _load_hf_model(folder: Path, architecture: str) -> nn.Module:
+    """``transformers.<architecture>`` loaded from the local ``folder``: never the folder's own code
+    (``trust_remote_code=False``), and only its safetensors weights where it has them — always, for
+    the folders verified here: an export just written, or an import's source, which
+    :class:`~toolkit.convert.streaming.SafetensorsSource` read."""
     transformers = require_transformers()
     cls = getattr(transformers, architecture)
-    return cls.from_pretrained(str(folder), dtype=torch.float32).eval()
+    safetensors = (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()
+    kwargs = {"use_safetensors": True} if safetensors else {}
+    return cls.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=False, **kwargs).eval()
 
 
 def _max_len(cfg) -> int:

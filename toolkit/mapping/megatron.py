@@ -163,6 +163,7 @@ _UNSUPPORTED: list[tuple[re.Pattern, str]] = [(re.compile(a), b) for a, b in [
      "relative position buckets (T5)"),
     (r"^output_layer\.bias$", "a bias on the output layer (megaforge's GPT head has none)"),
     (r"\.mtp\.|^mtp\.", "multi-token prediction layers"),
+    (r"(^|\.)initial_layernorm\.", "a post-LN BERT's embedding LayerNorm (NeMo transformer_block_type: post_ln)"),
 ]]
 
 
@@ -172,3 +173,31 @@ def unsupported_megatron_tensor(canonical: str) -> str | None:
         if pattern.search(canonical):
             return what
     return None
+
+
+# ---------------------------------------------------------------------------- writing megatron-core names
+
+#: canonical names → megatron-core GPT names with Transformer Engine's fused norms (what NeMo's
+#: ``MegatronGPTModel`` with ``mcore_gpt: true, transformer_engine: true`` holds, less NeMo's ``model.``)
+MCORE_TE_GPT_NAMES: list[tuple[re.Pattern, str]] = [(re.compile(a), b) for a, b in [
+    (r"^layers\.(\d+)\.input_layernorm\.", r"decoder.layers.\1.self_attention.linear_qkv.layer_norm_"),
+    (r"^layers\.(\d+)\.post_attention_layernorm\.", r"decoder.layers.\1.mlp.linear_fc1.layer_norm_"),
+    (r"^layers\.(\d+)\.self_attention\.query_key_value\.", r"decoder.layers.\1.self_attention.linear_qkv."),
+    (r"^layers\.(\d+)\.self_attention\.dense\.", r"decoder.layers.\1.self_attention.linear_proj."),
+    (r"^layers\.(\d+)\.mlp\.dense_h_to_4h\.", r"decoder.layers.\1.mlp.linear_fc1."),
+    (r"^layers\.(\d+)\.mlp\.dense_4h_to_h\.", r"decoder.layers.\1.mlp.linear_fc2."),
+    (r"^final_layernorm\.", "decoder.final_layernorm."),
+]]
+#: Transformer Engine modules of one megatron-core GPT layer that carry an ``_extra_state`` entry
+MCORE_TE_EXTRA_STATE = ("self_attention.linear_qkv", "self_attention.linear_proj", "self_attention.core_attention",
+                        "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+def mcore_te_gpt_name(canonical: str) -> str:
+    """A canonical (legacy, prefix-free) GPT name → its megatron-core (Transformer Engine spec)
+    spelling; :func:`canonical_megatron_name` takes it back."""
+    for pattern, repl in MCORE_TE_GPT_NAMES:
+        new = pattern.sub(repl, canonical)
+        if new != canonical:
+            return new
+    return canonical

@@ -215,7 +215,7 @@ def load_auto_tokenizer(folder: str | Path, *, required: bool = True):
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # any failure to build the tokenizer is what this check exists to catch
         if not required:
             logger.info(f"note: tokenizer fidelity not checked: transformers cannot load the tokenizer in {folder} "

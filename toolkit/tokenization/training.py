@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,10 @@ class TokenizerSpec:
         return list(self.special_tokens) if self.special_tokens is not None else list(DEFAULT_SPECIALS[self.model])
 
 
+#: what a spec's ``name`` may be: it names the output folder ``tokenizers/<name>/``
+SPEC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def load_spec(spec_path: str | Path) -> tuple[TokenizerSpec, Path]:
     """Read and validate a spec file; returns the spec and the file's resolved path."""
     path = Path(spec_path).expanduser()
@@ -123,8 +128,8 @@ def _validate(raw: dict[str, Any], path: Path) -> TokenizerSpec:
         value = raw.get(key)
         if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
             raise bad(key, "a list of non-empty strings")
-    if "/" in raw["name"] or "\\" in raw["name"]:
-        raise bad("name", "a plain name without path separators")
+    if not SPEC_NAME.fullmatch(raw["name"]):  # the output folder tokenizers/<name>/: never '..', '.' or a path
+        raise bad("name", "a plain name of letters, digits, '.', '_' and '-' that starts with a letter or digit")
     if raw["library"] not in MODELS:
         raise bad("library", " or ".join(MODELS))
     if raw["model"] not in MODELS[raw["library"]]:
