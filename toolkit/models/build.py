@@ -1,4 +1,12 @@
-"""Building a registered family's model: on ``meta``, then materialized and initialized."""
+"""Building a registered family's model: on ``meta``, then materialized and initialized.
+
+Sharded initialization: a model is built on ``meta`` (no memory), the parallel plan is applied
+there (TP/SP, pipeline split, FSDP2), and only then is each part materialized and initialized —
+so a rank allocates only what it holds. Each parameter is drawn from a generator keyed by its name
+and ``trainer.seed`` (``toolkit.models.common.init``), so every layout starts bitwise equal to one
+process. A family gives its rules as ``model.init_rules()``; one without (a plugin that only has
+``init_weights(seed)``) is materialized whole and initialized before the plan is applied.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ from torch import nn
 
 from toolkit.config import ModelConfig, RunConfig, TaskConfig
 from toolkit.errors import ConfigError
+from toolkit.models.common.init import InitRules, init_parameters
 from toolkit.registry import get_spec
 
 
@@ -22,14 +31,36 @@ def build_model(cfg: ModelConfig, *, tensor_parallel_size: int = 1, task: TaskCo
     return spec.build(cfg, tensor_parallel_size=tensor_parallel_size)
 
 
+def build_meta_model(cfg: RunConfig) -> nn.Module:
+    """The whole model on ``meta`` (its vocabulary padded for ``parallel.tensor_model_parallel_size``)."""
+    with torch.device("meta"):
+        return build_model(cfg.model, tensor_parallel_size=cfg.parallel.tensor_model_parallel_size, task=cfg.task)
+
+
+def init_rules(model: nn.Module) -> InitRules | None:
+    """The family's per-parameter init rules (``model.init_rules()``), or None if it has none."""
+    fn = getattr(model, "init_rules", None)
+    return fn() if fn is not None else None
+
+
+def materialize(part: nn.Module, rules: InitRules, seed: int, device: torch.device) -> nn.Module:
+    """Allocate what ``part`` holds (a model, a stage, TP/FSDP shards) on ``device`` and initialize it
+    from ``rules`` and ``seed``: one full parameter at a time, keeping this rank's slice."""
+    part.to_empty(device=device)
+    init_parameters(part, rules, seed)
+    return part
+
+
 def build_initialized_model(cfg: RunConfig, device: torch.device) -> nn.Module:
     """Build on ``meta``, materialize on ``device``, initialize from ``trainer.seed``.
 
     The vocabulary is padded for ``parallel.tensor_model_parallel_size`` so a run's checkpoints
     load into the single-device model whatever layout wrote them.
     """
-    with torch.device("meta"):
-        model = build_model(cfg.model, tensor_parallel_size=cfg.parallel.tensor_model_parallel_size, task=cfg.task)
-    model.to_empty(device=device)
-    model.init_weights(cfg.trainer.seed)
-    return model
+    model = build_meta_model(cfg)
+    rules = init_rules(model)
+    if rules is None:
+        model.to_empty(device=device)
+        model.init_weights(cfg.trainer.seed)
+        return model
+    return materialize(model, rules, cfg.trainer.seed, device)

@@ -210,10 +210,11 @@ class Pipeline:
 
 def build_pipeline(model: nn.Module, split: StageSplit, *, mesh: DeviceMesh, vpp: int, schedule: str,
                    device: torch.device, objective: Any, parallelize: Callable[[nn.Module], nn.Module]) -> Pipeline:
-    """Split ``model`` (materialized and initialized) into this rank's stages, find the parameters
-    several stages share and their sync groups, then ``parallelize`` each stage (TP → recompute →
-    data parallel). ``model`` must have a ``layers`` ModuleDict; drop it afterwards to free the
-    layers of other stages. Collective over all ranks.
+    """Split ``model`` into this rank's stages, find the parameters several stages share and their
+    sync groups, then ``parallelize`` each stage (TP → recompute → data parallel, then materialize).
+    ``model`` is on ``meta`` (sharded initialization: only this rank's stages are ever allocated) or
+    already materialized and initialized (drop it afterwards to free the layers of other stages). It
+    must have a ``layers`` ModuleDict. Collective over all ranks.
     """
     pp_mesh = mesh["pp"]
     pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Collection
+from typing import Any, Callable, Collection
 
 import torch
 import torch.distributed as dist
@@ -71,11 +71,14 @@ class ParallelRuntime:
         return self.dims.layout
 
     # ---- model -----------------------------------------------------------------------------
-    def parallelize(self, model: nn.Module, tp_plan=None, recompute: str = "none") -> nn.Module:
+    def parallelize(self, model: nn.Module, tp_plan=None, recompute: str = "none",
+                    materialize: Callable[[nn.Module], Any] | None = None) -> nn.Module:
         """TP/SP plan, then activation recompute, then data parallel (in that order), in place.
 
         ``tp_plan``: the family's ``(model, tp_mesh, *, sequence_parallel) -> model`` (see
-        ``ModelSpec.tensor_parallel``); required when tp > 1.
+        ``ModelSpec.tensor_parallel``); required when tp > 1. ``materialize``: called last with the
+        parallelized module — for a model still on ``meta``, allocating and initializing only this
+        rank's shards (``toolkit.models.build.materialize``).
         """
         if self.dims.tp > 1:
             if tp_plan is None:
@@ -89,10 +92,14 @@ class ParallelRuntime:
             extra = getattr(model, "data_parallel_units", None)
             units = [*(extra() if extra is not None else []), *blocks]
             apply_data_parallel(model, self.mesh["dp"], self.data_parallel_sharding, units)
+        if materialize is not None:
+            materialize(model)
         return model
 
-    def build_pipeline(self, model: nn.Module, split, objective, tp_plan=None, recompute: str = "none") -> Pipeline:
-        """Split ``model`` into this rank's pipeline stages and parallelize each (TP → recompute → dp).
+    def build_pipeline(self, model: nn.Module, split, objective, tp_plan=None, recompute: str = "none",
+                       materialize: Callable[[nn.Module], Any] | None = None) -> Pipeline:
+        """Split ``model`` into this rank's pipeline stages and parallelize each (TP → recompute → dp),
+        then ``materialize`` each (see :meth:`parallelize`; ``model`` may be on ``meta``).
 
         ``split``: the family's ``(model, layer_ids, *, first, last) -> stage`` (see
         ``ModelSpec.pipeline_split``) and ``objective`` its ``ModelSpec.pipeline_objective``. Returns a
@@ -100,7 +107,7 @@ class ParallelRuntime:
         """
         return build_pipeline(model, split, mesh=self.mesh, vpp=self.dims.vpp, schedule=self.pipeline_schedule,
                               device=self.device, objective=objective,
-                              parallelize=lambda part: self.parallelize(part, tp_plan, recompute))
+                              parallelize=lambda part: self.parallelize(part, tp_plan, recompute, materialize))
 
     # ---- training-step helpers -----------------------------------------------------------
     def loss_context(self) -> contextlib.AbstractContextManager:

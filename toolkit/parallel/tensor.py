@@ -10,7 +10,8 @@ A family describes its plan as ``{module name (fnmatch pattern): ParallelStyle}`
 * ``PrepareModuleInput`` to all-gather a sequence-sharded hidden state before attention/MLP.
 
 Every parameter becomes a DTensor on the tp mesh, so optimizers, FSDP2 on top, grad-norm clipping
-and DCP checkpoints see one uniform kind of tensor.
+and DCP checkpoints see one uniform kind of tensor. Plans are applied to the ``meta`` model (sharded
+initialization, ``toolkit.models.build``): no weight is sent, each rank slices locally.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class ReplicatedParams(ParallelStyle):
     def _partition(self, name: str, module: nn.Module, mesh: DeviceMesh) -> None:
         for pname, param in list(module.named_parameters(recurse=False)):
             if not isinstance(param, DTensor):
-                dt = distribute_tensor(param.data, mesh, [Replicate()])
+                dt = distribute_tensor(param.data, mesh, [Replicate()], src_data_rank=None)
                 module.register_parameter(pname, nn.Parameter(dt, requires_grad=param.requires_grad))
 
     def _input(self, module: nn.Module, inputs: Any, mesh: DeviceMesh) -> Any:
@@ -93,7 +94,8 @@ class ShardedParams(ParallelStyle):
             raise ValueError(f"{type(module).__name__} has no parameter {sorted(missing)[0]!r} to shard")
         for pname, param in list(module.named_parameters(recurse=False)):
             if not isinstance(param, DTensor):
-                dt = distribute_tensor(param.data, mesh, [self.placements.get(pname, Replicate())])
+                dt = distribute_tensor(param.data, mesh, [self.placements.get(pname, Replicate())],
+                                       src_data_rank=None)
                 module.register_parameter(pname, nn.Parameter(dt, requires_grad=param.requires_grad))
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
@@ -104,6 +106,9 @@ def apply_plan(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, ParallelSt
     """Apply ``plan`` (fnmatch patterns over module names → style) to ``model`` in place.
 
     Patterns that match nothing are an error (a renamed module must not silently stay unsharded).
+    Every rank slices its shard locally (``src_data_rank=None``): the model is either still on
+    ``meta`` (initialized after the plan, keyed by parameter name) or initialized identically on
+    every rank, so no weight needs to be sent.
     """
     names = [n for n, _ in model.named_modules() if n]
     resolved: dict[str, ParallelStyle] = {}
@@ -111,6 +116,7 @@ def apply_plan(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, ParallelSt
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             raise ValueError(f"tensor-parallel plan entry {pattern!r} matches no module of {type(model).__name__}")
+        style.src_data_rank = None
         for n in hits:
             resolved.setdefault(n, style)
     parallelize_module(model, tp_mesh, resolved)

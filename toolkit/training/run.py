@@ -18,7 +18,7 @@ from toolkit.convert.init_from import adopt_source_config, adopt_source_task, re
 from toolkit.data.corpus import corpus_prefix
 from toolkit.errors import ConfigError, first_line
 from toolkit.generation import generate_text
-from toolkit.models.build import build_initialized_model
+from toolkit.models.build import build_meta_model, init_rules, materialize
 from toolkit.optim import build_optimizer
 from toolkit.parallel import dist_env, validate_parallel
 from toolkit.parallel.runtime import ParallelRuntime, setup
@@ -145,19 +145,31 @@ def _resolve_init_from(cfg: RunConfig) -> bool:
 def build_model_parts(cfg: RunConfig, runtime: ParallelRuntime):
     """This rank's model parts, parallelized, and the pipeline driving them (None when pp = 1).
 
-    Under pipeline parallelism the full model is materialized and initialized on every rank (so init
-    matches one process exactly), then split into this rank's stages; the other stages' layers are
-    freed here. Returns (parts, pipeline, parameter count of the whole model without positions).
+    Sharded initialization: the model is built on ``meta``, split into this rank's pipeline stages
+    and parallelized there (TP/SP → recompute → FSDP2), then only what this rank holds is
+    materialized and initialized, each parameter drawn whole from a generator keyed by its name and
+    ``trainer.seed`` (so every layout starts bitwise equal to one process); set-up memory is this
+    rank's shard plus the largest single parameter. A family without init rules (a plugin with only
+    ``init_weights``) is materialized whole first, as before. Returns (parts, pipeline, parameter
+    count of the whole model without positions).
     """
     spec = get_spec(cfg.model.family)
-    model = build_initialized_model(cfg, runtime.device)
+    model = build_meta_model(cfg)
     n_params = model.num_parameters(exclude_positions=True)
+    rules = init_rules(model)
+    if rules is None:
+        model.to_empty(device=runtime.device)
+        model.init_weights(cfg.trainer.seed)
+        init = None
+    else:
+        def init(part):
+            return materialize(part, rules, cfg.trainer.seed, runtime.device)
     recompute = cfg.model.recompute_granularity
     if runtime.dims.pp > 1:
         pipeline = runtime.build_pipeline(model, spec.pipeline_split, spec.pipeline_objective,
-                                          spec.tensor_parallel, recompute)
+                                          spec.tensor_parallel, recompute, materialize=init)
         return pipeline.parts, pipeline, n_params
-    runtime.parallelize(model, spec.tensor_parallel, recompute)
+    runtime.parallelize(model, spec.tensor_parallel, recompute, materialize=init)
     return [model], None, n_params
 
 

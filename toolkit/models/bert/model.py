@@ -46,7 +46,7 @@ from torch import nn
 from toolkit.config import ModelConfig
 from toolkit.models.common import TransformerLayer, build_norm
 from toolkit.models.common.embeddings import mask_padded_vocab, model_vocab_sizes
-from toolkit.models.common.init import init_weights
+from toolkit.models.common.init import ZEROS, init_parameters, megatron_init_rules
 from toolkit.models.common.mlp import ACTIVATIONS, GATED
 
 
@@ -120,15 +120,19 @@ class BertModel(nn.Module):
         # hidden states [b, s, hidden] before the last stage, ``(mlm_logits, [binary_logits])`` on it
         self.pipeline_stage = False
 
-    def init_weights(self, seed: int = 0) -> None:
-        """Megatron init from ``seed`` (identical on any device): normal(std) for linears and
-        embeddings, std/sqrt(2L) for residual outputs, zero biases (the MLM bias too), unit norms."""
-        device = next(self.parameters()).device
-        gen = torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(seed)
-        init_weights(self, std=self.cfg.init_method_std, num_layers=self.cfg.num_layers, generator=gen)
+    def init_rules(self) -> dict:
+        """Megatron init, per parameter name (``toolkit.models.common.init``): N(0, init_method_std)
+        for linears and embeddings, std/sqrt(2L) for residual outputs, zero biases (the MLM bias
+        too), unit norms. Computed on the ``meta`` model."""
+        rules = megatron_init_rules(self, std=self.cfg.init_method_std, num_layers=self.cfg.num_layers)
         if self.lm_head is not None:
-            with torch.no_grad():
-                self.lm_head.bias.zero_()
+            rules["lm_head.bias"] = ZEROS
+        return rules
+
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialize the materialized model from ``seed`` (each parameter keyed by its name, so any
+        parallel layout starts identical)."""
+        init_parameters(self, self.init_rules(), seed)
 
     def output_weight(self) -> torch.Tensor:
         """The MLM projection weight: the word embeddings (tied)."""

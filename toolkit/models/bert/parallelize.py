@@ -85,7 +85,7 @@ def parallelize_bert(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel
 
 
 def pipeline_split_bert(model: nn.Module, layer_ids: Sequence[str], *, first: bool, last: bool) -> nn.Module:
-    """One pipeline stage of a materialized BERT: the layers ``layer_ids`` (global indices), the
+    """One pipeline stage of a BERT (on ``meta`` or materialized): the layers ``layer_ids`` (global indices), the
     embedding when ``first``; the final norm (pre-LN), pooler, sentence-pair head and MLM head when
     ``last``. The stage's forward returns tensors (``BertModel.pipeline_stage``); every stage gets the
     padding mask as a keyword argument (``toolkit.models.bert.objective.BERT_PIPELINE``).

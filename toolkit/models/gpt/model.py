@@ -26,7 +26,7 @@ from torch import nn
 from toolkit.config import ModelConfig, head_dim
 from toolkit.models.common import KVCache, RotaryEmbedding, TransformerLayer, build_norm
 from toolkit.models.common.embeddings import mask_padded_vocab, model_vocab_sizes
-from toolkit.models.common.init import init_weights
+from toolkit.models.common.init import init_parameters, megatron_init_rules
 
 
 class GPTEmbedding(nn.Module):
@@ -63,11 +63,15 @@ class GPTModel(nn.Module):
         # (sequence parallelism; set by the tensor-parallel plan) — RoPE needs the full length
         self.sequence_shards = 1
 
+    def init_rules(self) -> dict:
+        """Megatron init, per parameter name (``toolkit.models.common.init``): N(0, init_method_std),
+        std/sqrt(2L) for residual outputs, zero biases, unit norms. Computed on the ``meta`` model."""
+        return megatron_init_rules(self, std=self.cfg.init_method_std, num_layers=self.cfg.num_layers)
+
     def init_weights(self, seed: int = 0) -> None:
-        """Megatron init from ``seed`` (identical on any device); recomputes non-persistent buffers."""
-        device = next(self.parameters()).device
-        gen = torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(seed)
-        init_weights(self, std=self.cfg.init_method_std, num_layers=self.cfg.num_layers, generator=gen)
+        """Initialize the materialized model from ``seed`` (each parameter keyed by its name, so any
+        parallel layout starts identical); recomputes non-persistent buffers."""
+        init_parameters(self, self.init_rules(), seed)
 
     def output_weight(self) -> torch.Tensor:
         return self.embed.tokens.weight if self.tied else self.head.weight

@@ -58,7 +58,7 @@ def parallelize_gpt(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel:
 
 
 def pipeline_split_gpt(model: nn.Module, layer_ids: Sequence[str], *, first: bool, last: bool) -> nn.Module:
-    """One pipeline stage of a materialized GPT: the layers ``layer_ids`` (global indices), the
+    """One pipeline stage of a GPT (on ``meta`` or materialized): the layers ``layer_ids`` (global indices), the
     embedding when ``first``, the final norm and output layer when ``last``.
 
     Tensors are shared with ``model``, not copied — except a tied word embedding on a last stage that

@@ -57,6 +57,7 @@ from torch import nn
 from toolkit.config import ModelConfig, ffn_size, head_dim
 from toolkit.models.common import MLP, Attention, KVCache
 from toolkit.models.common.embeddings import mask_padded_vocab, model_vocab_sizes
+from toolkit.models.common.init import ONES, ZEROS, ParamInit, init_parameters, normal
 from toolkit.models.t5.generation import generate_seq2seq
 from toolkit.models.t5.position_bias import RelativePositionBias
 
@@ -199,26 +200,32 @@ class T5Model(nn.Module):
         return generate_seq2seq(self, encoder_tokens, **kwargs)
 
     # ---- initialization ------------------------------------------------------------------
-    @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> None:
-        """Hugging Face T5 init (factor 1.0) from ``seed``; identical on any device (drawn on CPU
-        when the model is on meta, else on the model's device, like GPT)."""
-        device = next(self.parameters()).device
-        gen = torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(seed)
+    def init_rules(self) -> dict:
+        """Hugging Face T5 init (factor 1.0), per parameter name (``toolkit.models.common.init``);
+        computed on the ``meta`` model."""
         h, d_ff = self.cfg.hidden_size, ffn_size(self.cfg)
         inner = self.cfg.num_attention_heads * head_dim(self.cfg)
         stds = {"q": (h * head_dim(self.cfg)) ** -0.5, "k": h ** -0.5, "v": h ** -0.5, "out": inner ** -0.5,
                 "fc1": h ** -0.5, "gate": h ** -0.5, "fc2": d_ff ** -0.5}
+        rules: dict[str, ParamInit] = {}
         for name, module in self.named_modules():
             leaf = name.rsplit(".", 1)[-1]
             if isinstance(module, nn.RMSNorm):
-                module.weight.fill_(1.0)
+                rules[f"{name}.weight"] = ONES
             elif isinstance(module, RelativePositionBias):
-                _normal(module.weight, h ** -0.5, gen)
+                rules[f"{name}.weight"] = normal(h ** -0.5)
             elif isinstance(module, nn.Embedding) or (isinstance(module, nn.Linear) and leaf == "head"):
-                _normal(module.weight, 1.0, gen)
+                rules[f"{name}.weight"] = normal(1.0)
             elif isinstance(module, nn.Linear):
-                _normal(module.weight, stds[leaf], gen)
+                rules[f"{name}.weight"] = normal(stds[leaf])
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                rules[f"{name}.bias"] = ZEROS
+        return rules
+
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialize the materialized model from ``seed`` (each parameter keyed by its name, so any
+        parallel layout starts identical)."""
+        init_parameters(self, self.init_rules(), seed)
 
     # ---- forward -------------------------------------------------------------------------
     def encode(self, encoder_tokens: torch.Tensor, encoder_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -281,9 +288,3 @@ class T5Model(nn.Module):
             n -= sum(s.layers["0"].relative_bias.weight.numel() for s in (self.encoder, self.decoder) if len(s.layers))
         return n
 
-
-def _normal(t: torch.Tensor, std: float, generator: torch.Generator) -> None:
-    if t.device == generator.device:
-        t.normal_(0.0, std, generator=generator)
-    else:  # draw on the generator's device, then copy (keeps CPU and GPU inits identical)
-        t.copy_(torch.empty(t.shape, dtype=t.dtype, device=generator.device).normal_(0.0, std, generator=generator))
