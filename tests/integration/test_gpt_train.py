@@ -88,14 +88,12 @@ def test_llama_style_trains(tmp_path: Path):
     assert ls[12] < ls[1] - 0.5
 
 
-def test_precisions_train(tmp_path: Path):
-    for precision in ("bf16", "fp16"):
-        run = tmp_path / precision
-        train(run, "trainer.max_steps=3", f"trainer.precision={precision}", "trainer.eval_interval=0")
-        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert all(r["loss"] == r["loss"] for r in recs)  # finite, not NaN
-        if precision == "fp16":
-            assert "loss_scale" in recs[-1]
+def test_bf16_trains(tmp_path: Path):
+    """bf16 autocast trains to finite losses (fp16: test_fp16_resume_is_bitwise)."""
+    run = tmp_path / "bf16"
+    train(run, "trainer.max_steps=3", "trainer.precision=bf16", "trainer.eval_interval=0")
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 and all(r["loss"] == r["loss"] for r in recs)  # finite, not NaN
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path):
@@ -216,6 +214,8 @@ def test_fp16_resume_is_bitwise(tmp_path: Path):
             "logging.plot=false", "trainer.global_batch_size=4")  # fp16 matmuls are emulated on CPU: keep it short
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(straight, *fp16)
+    recs = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] and r["loss_scale"] > 0 for r in recs)  # finite losses, the scale logged
     first = train(resumed, *fp16, "trainer.exit_interval=1")
     assert "stopping at step 1" in first.stdout
     state = json.loads((resumed / "checkpoints" / "step_1" / "trainer_state.json").read_text())

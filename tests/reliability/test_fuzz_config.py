@@ -7,32 +7,22 @@ from __future__ import annotations
 import signal
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+from tests.reliability.fuzzing import fuzz_settings, outcome
 from toolkit.config import CHOICES, SCHEMA_KEYS, load_config
 from toolkit.errors import MegaforgeError
 from toolkit.parallel.validate import validate_parallel
 
 # load_config costs ~0.1 s on a loaded CI machine (OmegaConf), so the budgets are small; the properties
 # were also run with 600 random (not derandomized) examples each while writing them.
-FUZZ = settings(max_examples=35, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = fuzz_settings(35)
 
 RECIPES = [None, "gpt-tiny", "llama-tiny", "bert-tiny", "t5-small", "gatortron-tiny-clinical-ner",
            "gpt-tiny-sft-clinical"]
 
 
-def outcome(fn, *args, **kwargs):
-    """``fn(*args)``'s result, or the MegaforgeError it raised (whose message must be one line);
-    any other exception propagates and fails the property."""
-    try:
-        return fn(*args, **kwargs)
-    except MegaforgeError as e:
-        message = str(e)
-        assert message.strip(), f"empty {type(e).__name__} message"
-        assert "\n" not in message and "\r" not in message, f"multi-line {type(e).__name__}: {message!r}"
-        return e
 
 
 # ---------------------------------------------------------------------------- strategies

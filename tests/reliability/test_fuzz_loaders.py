@@ -15,28 +15,18 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from tests.reliability.fuzzing import fuzz_settings, outcome
 from toolkit.convert.safe_load import safe_load
 from toolkit.convert.streaming import SafetensorsSource
 from toolkit.errors import CheckpointError, MegaforgeError
 
-FUZZ = settings(max_examples=50, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = fuzz_settings(50)
 
 
-def outcome(fn, *args, **kwargs):
-    """``fn(*args)``'s result, or the MegaforgeError it raised (whose message must be one line);
-    any other exception propagates and fails the property."""
-    try:
-        return fn(*args, **kwargs)
-    except MegaforgeError as e:
-        message = str(e)
-        assert message.strip(), f"empty {type(e).__name__} message"
-        assert "\n" not in message and "\r" not in message, f"multi-line {type(e).__name__}: {message!r}"
-        return e
 
 
 TRICKY = ["", "\n", "\x00", '"', "{", "}", "[", "]", ",", ":", "\\", "é", "\ufeff", "NaN", "-1", "1e999"]

@@ -16,29 +16,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+from tests.reliability.fuzzing import fuzz_settings, outcome
 from toolkit.data import indexed, megatron_indexed
 from toolkit.data.readers import READERS, iter_documents
 from toolkit.data.tasks import read_examples
 from toolkit.data.tasks.sft import read_sft
 from toolkit.errors import MegaforgeError
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = fuzz_settings(60)
 
 
-def outcome(fn, *args, **kwargs):
-    """``fn(*args)``'s result, or the MegaforgeError it raised (whose message must be one line);
-    any other exception propagates and fails the property."""
-    try:
-        return fn(*args, **kwargs)
-    except MegaforgeError as e:
-        message = str(e)
-        assert message.strip(), f"empty {type(e).__name__} message"
-        assert "\n" not in message and "\r" not in message, f"multi-line {type(e).__name__}: {message!r}"
-        return e
 
 
 def read_all(reader, *args, **kwargs):
