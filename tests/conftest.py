@@ -17,17 +17,22 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
-def run_cli(*args: str, cwd=None, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
-    """Run ``python -m toolkit ARGS`` and capture its output."""
+def run_cli(*args: str, cwd=None, timeout: int = 600, env=None, isolated: bool = False) -> subprocess.CompletedProcess:
+    """``megaforge ARGS``, its output captured. In this process (:func:`cli_main`) unless the test needs a
+    process of its own — another working directory, extra environment, or ``isolated=True`` (signals,
+    exit paths that end the interpreter) — then ``python -m toolkit ARGS``. A new interpreter costs the
+    seconds it takes to import torch and transformers, on every call."""
+    if cwd is None and env is None and not isolated:
+        return cli_main(*args)
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "toolkit", *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
 
 
 def cli_main(*args: str) -> subprocess.CompletedProcess:
-    """``megaforge ARGS`` in this process (``toolkit.cli.main``): for commands that end early (a one-line
-    error, a dry run), it saves the seconds a new interpreter spends importing torch. Returns what
-    :func:`run_cli` does; the torch thread count and the log handlers are restored afterwards."""
+    """``megaforge ARGS`` in this process (``toolkit.cli.main``), stdout and stderr captured, as a
+    ``CompletedProcess``. The torch thread count, the global RNG state, the deterministic-kernels flag
+    and the log handlers are restored afterwards."""
     import contextlib
     import io
     import logging
@@ -37,6 +42,7 @@ def cli_main(*args: str) -> subprocess.CompletedProcess:
     from toolkit.cli import main
 
     out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    rng, deterministic = torch.random.get_rng_state(), torch.are_deterministic_algorithms_enabled()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -45,6 +51,8 @@ def cli_main(*args: str) -> subprocess.CompletedProcess:
                 code = e.code if isinstance(e.code, int) else 2
     finally:
         torch.set_num_threads(threads)
+        torch.random.set_rng_state(rng)
+        torch.use_deterministic_algorithms(deterministic)
         root = logging.getLogger("toolkit")
         for handler in [h for h in root.handlers if getattr(h, "megaforge_console", False)]:
             root.removeHandler(handler)

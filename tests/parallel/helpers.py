@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_main
 
 # Tiny GPT, fp32, no dropout; GQA (4 query heads, 2 KV heads); vocab 8193 is not divisible by tp;
 # micro 2 × global 8 gives gradient accumulation over 4 (single process) or 2 (dp=2) micro-batches.
@@ -33,7 +33,10 @@ def vocab_pad(tp: int) -> str:
 
 def launch(run_dir: Path, nproc: int, *overrides: str, env: dict | None = None,
            timeout: int = 300) -> subprocess.CompletedProcess:
-    """``megaforge train gpt-tiny`` in one process (nproc=1) or under torchrun with ``nproc`` ranks."""
+    """``megaforge train gpt-tiny`` in one process (nproc=1: in this one, unless ``env`` asks for a
+    process of its own) or under torchrun with ``nproc`` ranks."""
+    if nproc == 1 and env is None:
+        return cli_main("train", "gpt-tiny", *overrides, f"trainer.run_dir={run_dir}")
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     if nproc == 1:
         cmd = [sys.executable, "-m", "toolkit"]
@@ -51,11 +54,14 @@ def train_ok(run_dir: Path, nproc: int, *overrides: str) -> Path:
 
 
 def train_recipe_ok(recipe: str, run_dir: Path, nproc: int, *overrides: str, timeout: int = 300) -> Path:
-    """``megaforge train RECIPE OVERRIDES`` in one process (nproc=1) or under torchrun; asserts it succeeded."""
+    """``megaforge train RECIPE OVERRIDES`` in this process (nproc=1) or under torchrun; asserts it succeeded."""
+    if nproc == 1:
+        out = cli_main("train", recipe, *overrides, f"trainer.run_dir={run_dir}")
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+        return run_dir
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "toolkit"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-        str(_free_port()), "-m", "toolkit"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           str(_free_port()), "-m", "toolkit"]
     cmd += ["train", recipe, *overrides, f"trainer.run_dir={run_dir}"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]

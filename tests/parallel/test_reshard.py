@@ -77,11 +77,30 @@ def test_tp2_pp2_checkpoint_continues_under(layout: str, source: Path, continued
     assert_same_run(run, continued)
 
 
-def test_single_process_checkpoint_continues_at_tp2_dp2_fsdp(tmp_path: Path):
-    """tp=1 padding (8320 rows) grows to tp=2 padding (8448) under 2-D (dp × tp) FSDP2-over-TP sharding."""
+def test_tp2_dp2_fsdp_resumes_exactly_and_from_a_single_process_checkpoint(tmp_path: Path):
+    """2-D (dp × tp) FSDP2-over-TP sharding: a run resumed from its own step-3 checkpoint ends bitwise
+    like the run that went straight through; and a single-process checkpoint (tp=1 padding, 8320 rows)
+    grows to tp=2 padding (8448) and continues like the single process does."""
+    import json
+
+    layout = [*TP2, "parallel.data_parallel_sharding=full"]
+    straight = train_ok(tmp_path / "straight", 4, *COMMON, *layout, "checkpoint.save_interval=3")
+    resumed = tmp_path / "resumed"  # the straight run as it was after step 3: the same files, step_5 not yet written
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_5")
+    (resumed / "checkpoints" / "latest").write_text("step_3\n")
+    (resumed / "metrics.jsonl").write_text("".join((straight / "metrics.jsonl").read_text().splitlines(True)[:3]))
+    train_ok(resumed, 4, *COMMON, *layout)
+    assert losses(resumed) == losses(straight)
+    a, b = weights(resumed), weights(straight)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    state = json.loads((resumed / "checkpoints" / "step_5" / "trainer_state.json").read_text())
+    assert state["layout"] == {"tp": 2, "pp": 1, "dp": 2}
+
     src = _stop_at_3(tmp_path / "src", 1)
     same = _continue(src, tmp_path / "same", 1)
-    run = _continue(src, tmp_path / "run", 4, *TP2, "parallel.data_parallel_sharding=full")
+    run = _continue(src, tmp_path / "run", 4, *layout)
     assert_same_run(run, same)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_main
 
 
 def test_import_tokenizers_is_hugging_face():
@@ -31,7 +31,7 @@ def test_cli_help_documents_every_command():
 
 
 def test_recipes_command_lists_every_recipe():
-    out = subprocess.run([sys.executable, "-m", "toolkit", "recipes"], capture_output=True, text=True, cwd=REPO)
+    out = cli_main("recipes")
     assert out.returncode == 0, out.stderr
     for name in ("gpt-tiny", "gpt2-124m", "gpt-1.3b", "llama-tiny", "tinyllama-1.1b"):
         assert name in out.stdout
