@@ -29,7 +29,11 @@ def _cmd_train(args) -> int:
     from toolkit.config import load_config
     from toolkit.training.run import train
 
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_config(args.recipe, args.overrides + (["trainer.dry_run=true"] if getattr(args, "dry_run", False) else []))
+    if cfg.trainer.dry_run:  # the parallel plans on meta for a simulated world (toolkit.training.dry_run)
+        from toolkit.training.dry_run import dry_run
+
+        return 0 if dry_run(cfg).ok else 1
     if args.command == "finetune" and cfg.task.type == "none":
         from toolkit.errors import ConfigError
 
@@ -142,6 +146,17 @@ def _cmd_publish(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from toolkit.planning.report import plan_report
+
+    print(plan_report(args.recipe, args.overrides, gpus=args.gpus, gpu=args.gpu, gpu_memory=args.gpu_memory,
+                      gpu_flops=args.gpu_flops, intra_node_gbps=args.intra_node_gbps,
+                      inter_node_gbps=args.inter_node_gbps, gpus_per_node=args.gpus_per_node,
+                      efficiency=args.efficiency, headroom=args.headroom, top=args.top, explain_row=args.explain,
+                      as_json=args.json))
+    return 0
+
+
 class _ConsoleFilter(logging.Filter):
     """Below WARNING only (stdout); warnings and errors go to stderr."""
 
@@ -191,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = command("train", help="train from a recipe name or YAML file, with KEY=VALUE overrides")
     s.add_argument("recipe", help="registered recipe name (see `megaforge recipes`) or path to a YAML file")
     s.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.max_steps=30 trainer.run_dir=runs/x")
+    s.add_argument("--dry-run", action="store_true",
+                   help="build on meta, apply the TP/PP/FSDP plans for a simulated world (trainer.dry_run_world_size, "
+                        "default tp × pp) and print what a few ranks hold; trains nothing")
     s.set_defaults(func=_cmd_train)
 
     s = command("finetune", help="fine-tune for a task (a recipe with a task section), with KEY=VALUE overrides")
@@ -293,6 +311,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="glob of an extra file to upload (e.g. LICENSE); training data is refused regardless")
     s.add_argument("--message", default=None, help="commit message")
     s.set_defaults(func=_cmd_publish)
+
+    s = command("plan", help="memory per GPU and step time of every parallel layout of a recipe on N GPUs")
+    s.add_argument("recipe", help="registered recipe name (see `megaforge recipes`) or path to a YAML file")
+    s.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.global_batch_size=1024")
+    s.add_argument("--gpus", type=int, required=True, help="GPUs in the job (whole nodes beyond one)")
+    s.add_argument("--gpu", default="a100-80gb",
+                   help="GPU type: a100-40gb, a100-80gb, h100, h100-pcie, h200, l40s, a10g, v100, mi300x "
+                        "(default a100-80gb)")
+    s.add_argument("--gpu-memory", type=float, default=None, help="override: device memory, GiB")
+    s.add_argument("--gpu-flops", type=float, default=None,
+                   help="override: dense peak TFLOP/s for the recipe's trainer.precision")
+    s.add_argument("--intra-node-gbps", type=float, default=None, help="override: per-GPU GB/s inside a node")
+    s.add_argument("--inter-node-gbps", type=float, default=None, help="override: per-GPU GB/s between nodes")
+    s.add_argument("--gpus-per-node", type=int, default=None, help="override: GPUs per node")
+    s.add_argument("--efficiency", type=float, default=0.6,
+                   help="fraction of dense peak the matmuls reach (default 0.6)")
+    s.add_argument("--headroom", type=float, default=0.1,
+                   help="fraction of memory kept free for the CUDA context and allocator (default 0.1)")
+    s.add_argument("--top", type=int, default=10, help="rows to print (default 10)")
+    s.add_argument("--explain", type=int, nargs="?", const=1, default=None, metavar="N",
+                   help="print the arithmetic of row N (default 1) instead of the table")
+    s.add_argument("--json", action="store_true", help="print the best --top layouts as JSON")
+    s.set_defaults(func=_cmd_plan)
     return p
 
 

@@ -81,12 +81,24 @@ def rank_stage_indices(pp_rank: int, pp: int, vpp: int) -> list[int]:
     return [pp_rank + chunk * pp for chunk in range(vpp)]
 
 
-def module_tree_copy(model: nn.Module) -> nn.Module:
+def module_tree_copy(model: nn.Module, *, keep_layers: Sequence[str] | None = None) -> nn.Module:
     """A new module tree that shares every parameter and buffer of ``model`` (no tensor is copied).
 
     A family's split function prunes this copy to one stage; the full model can then be freed.
+    ``keep_layers``: the entries of ``model.layers`` the stage keeps; only those layers are copied,
+    the others are referenced until the split drops them (splitting a 105-layer model into 35 stages
+    then copies each layer once, not 35 times).
     """
-    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    if keep_layers is None:
+        kept: list[nn.Module] = [model]
+        memo: dict[int, Any] = {}
+    else:
+        keep = set(keep_layers)
+        memo = {id(layer): layer for i, layer in model.layers.items() if i not in keep}
+        kept = [model.layers[i] for i in keep_layers]
+        kept += [child for child in model.children() if child is not model.layers]
+        memo.update({id(t): t for t in itertools.chain(model.parameters(recurse=False), model.buffers(recurse=False))})
+    memo.update({id(t): t for m in kept for t in itertools.chain(m.parameters(), m.buffers())})
     return copy.deepcopy(model, memo)
 
 
@@ -222,7 +234,11 @@ def build_pipeline(model: nn.Module, split: StageSplit, *, mesh: DeviceMesh, vpp
     groups = stage_layer_ids(list(model.layers.keys()), num_stages)
     indices = rank_stage_indices(pp_rank, pp, vpp)
     parts = [split(model, groups[s], first=s == 0, last=s == num_stages - 1) for s in indices]
-    shared_groups = _shared_param_groups(parts, mesh)
+    # the parameter names of every pipeline rank, computed here (every rank splits alike) rather than
+    # exchanged: no collective, so a simulated world (the dry run's fake process group) gets them right
+    names = _stage_param_names(model, split, groups)
+    held = [sorted({n for s in rank_stage_indices(r, pp, vpp) for n in names[s]}) for r in range(pp)]
+    shared_groups = _shared_param_groups(held, pp_rank, mesh)
     parts = [parallelize(part) for part in parts]
     shared = []
     for name, (holders, group) in shared_groups.items():
@@ -233,14 +249,27 @@ def build_pipeline(model: nn.Module, split: StageSplit, *, mesh: DeviceMesh, vpp
                     shared=shared, objective=objective)
 
 
-def _shared_param_groups(parts: list[nn.Module], mesh: DeviceMesh) -> dict[str, tuple[tuple[int, ...], Any]]:
+def _stage_param_names(model: nn.Module, split: StageSplit, groups: list[list[str]]) -> list[list[str]]:
+    """The single-device parameter names of every stage: what the split keeps outside the layers
+    (split once per kind of stage: first, middle, last) and the stage's layers, ``layers.<id>.…``."""
+    outside: dict[tuple[bool, bool], list[str]] = {}
+    names = []
+    for s, ids in enumerate(groups):
+        kind = (s == 0, s == len(groups) - 1)
+        if kind not in outside:
+            outside[kind] = [n for n, _ in split(model, [], first=kind[0], last=kind[1]).named_parameters()]
+        names.append(outside[kind] + [f"layers.{i}.{n}" for i in ids for n, _ in model.layers[i].named_parameters()])
+    return names
+
+
+def _shared_param_groups(everyone: list[list[str]], pp_rank: int,
+                         mesh: DeviceMesh) -> dict[str, tuple[tuple[int, ...], Any]]:
     """``{name: (pipeline ranks holding it, process group of those ranks at this dp/tp coordinate)}``
-    for every parameter name this rank holds that another pipeline rank holds too."""
+    for every parameter name this rank holds that another pipeline rank holds too; ``everyone``:
+    the single-device parameter names of each pipeline rank."""
     pp_mesh = mesh["pp"]
     pp = pp_mesh.size()
-    mine = sorted({n for part in parts for n, _ in part.named_parameters()})  # single-device names
-    everyone: list[list[str] | None] = [None] * pp
-    dist.all_gather_object(everyone, mine, group=pp_mesh.get_group())
+    mine = everyone[pp_rank]
     holders: dict[str, list[int]] = {}
     for rank, names in enumerate(everyone):
         for n in names:

@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from toolkit.config import RunConfig
 from toolkit.parallel.clip import clip_grad_norm_
 from toolkit.parallel.data_parallel import apply_data_parallel, set_grad_sync
-from toolkit.parallel.mesh import ParallelDims, build_mesh, destroy, dist_env, init_process_group
+from toolkit.parallel.mesh import DistEnv, ParallelDims, build_mesh, destroy, dist_env, init_process_group
 from toolkit.parallel.pipeline import Pipeline, build_pipeline
 from toolkit.parallel.recompute import apply_recompute, transformer_blocks
 from toolkit.parallel.tensor import local_value, loss_context
@@ -199,10 +199,15 @@ class ParallelRuntime:
         os._exit(1)
 
 
-def setup(cfg: RunConfig, device: torch.device) -> ParallelRuntime:
+def setup(cfg: RunConfig, device: torch.device, *, env: DistEnv | None = None) -> ParallelRuntime:
     """Join the process group (timeout from ``parallel.timeout_seconds``) and build the mesh; in a
-    world of size 1, the runtime of one process (no process group)."""
-    env = dist_env()
+    world of size 1, the runtime of one process (no process group).
+
+    ``env``: this process's rank and world size; None → from ``torchrun``'s environment. A caller
+    that passes it has joined a process group of that size itself (the dry run's fake group,
+    ``toolkit.training.dry_run``), which is then used as it is.
+    """
+    env = env or dist_env()
     p = cfg.parallel
     dims = ParallelDims(world_size=env.world_size, tp=p.tensor_model_parallel_size,
                         pp=p.pipeline_model_parallel_size, vpp=p.virtual_pipeline_model_parallel_size or 1)

@@ -103,6 +103,9 @@ def build_datasets(cfg: RunConfig, tokenizer: Tokenizer, run_dir: Path):
 def train(cfg: RunConfig) -> TrainResult:
     """Train ``cfg`` in this process, or as one rank of a ``torchrun`` job (resuming from the run
     directory's latest checkpoint)."""
+    if cfg.trainer.dry_run:  # the CLI dispatches it; from Python, call the dry run itself
+        raise ConfigError("trainer.dry_run=true: call toolkit.training.dry_run.dry_run(cfg) (or `megaforge train "
+                          "RECIPE --dry-run`) instead of train(cfg)")
     env = dist_env()
     fresh_head = _resolve_init_from(cfg) if cfg.checkpoint.init_from else False
     validate_parallel(cfg, env.world_size)  # before any collective: a bad layout is one line, exit 2
@@ -142,7 +145,8 @@ def _resolve_init_from(cfg: RunConfig) -> bool:
     return fresh_head
 
 
-def build_model_parts(cfg: RunConfig, runtime: ParallelRuntime):
+def build_model_parts(cfg: RunConfig, runtime: ParallelRuntime, *, materialize_parts: bool = True,
+                      meta_model: torch.nn.Module | None = None):
     """This rank's model parts, parallelized, and the pipeline driving them (None when pp = 1).
 
     Sharded initialization: the model is built on ``meta``, split into this rank's pipeline stages
@@ -151,13 +155,17 @@ def build_model_parts(cfg: RunConfig, runtime: ParallelRuntime):
     ``trainer.seed`` (so every layout starts bitwise equal to one process); set-up memory is this
     rank's shard plus the largest single parameter. A family without init rules (a plugin with only
     ``init_weights``) is materialized whole first, as before. Returns (parts, pipeline, parameter
-    count of the whole model without positions).
+    count of the whole model without positions). ``materialize_parts=False`` leaves everything on
+    ``meta`` and ``meta_model`` is the whole model already built there, which a pipeline split leaves
+    as it is (the dry run builds it once for every rank it simulates: ``toolkit.training.dry_run``).
     """
     spec = get_spec(cfg.model.family)
-    model = build_meta_model(cfg)
+    model = meta_model if meta_model is not None else build_meta_model(cfg)
     n_params = model.num_parameters(exclude_positions=True)
     rules = init_rules(model)
-    if rules is None:
+    if not materialize_parts:
+        init = None
+    elif rules is None:
         model.to_empty(device=runtime.device)
         model.init_weights(cfg.trainer.seed)
         init = None

@@ -95,7 +95,7 @@ def pipeline_split_bert(model: nn.Module, layer_ids: Sequence[str], *, first: bo
     ``embed.tokens.weight`` (position and token-type tables and the embedding norm stay on the first
     stage), which the pipeline keeps in sync with the first stage's by summing their gradients.
     """
-    stage = module_tree_copy(model)
+    stage = module_tree_copy(model, keep_layers=layer_ids)
     stage.pipeline_stage = True
     stage.layers = nn.ModuleDict({i: stage.layers[i] for i in layer_ids})
     if not first:

@@ -66,7 +66,7 @@ def pipeline_split_gpt(model: nn.Module, layer_ids: Sequence[str], *, first: boo
     position table stays on the first stage), which the pipeline keeps in sync with the first
     stage's by summing their gradients (Megatron's tied embeddings across stages).
     """
-    stage = module_tree_copy(model)
+    stage = module_tree_copy(model, keep_layers=layer_ids)
     stage.layers = nn.ModuleDict({i: stage.layers[i] for i in layer_ids})
     if not first:
         if last and stage.tied:
