@@ -46,6 +46,52 @@ def test_memory_within_10_percent_of_memtracker(recipe, overrides):
     assert planned["params"] == measured["params"]  # parameter counts are exact
 
 
+GPT2 = ("gpt-1.3b", ["model.num_layers=2", NO_ATTN_DROPOUT])
+# (recipe, overrides, layout, rank measured): one rank of each layout, in a fake process group
+PARALLEL_SHAPES = [
+    (*GPT2, dict(tp=2), 0),  # vocabulary-parallel embedding, head and loss (loss_parallel)
+    (*GPT2, dict(tp=2, sp=True), 0),
+    ("tinyllama-1.1b", ["model.num_layers=2", "model.recompute_granularity=selective"], dict(tp=2, sp=True), 0),
+    (*GPT2, dict(dp=2, sharding="full"), 0),  # FSDP2, parameters re-gathered for backward
+    ("gpt-1.3b", ["model.num_layers=4", NO_ATTN_DROPOUT], dict(pp=2), 0),  # first stage: embedding + 2 layers
+    ("gpt-1.3b", ["model.num_layers=4", NO_ATTN_DROPOUT], dict(pp=2), 1),  # last: 2 layers, head, tied copy
+]
+
+
+def _layout_id(value):
+    if isinstance(value, dict):
+        return "-".join(f"{k}{v}" if k != "sharding" else v for k, v in value.items())
+    if isinstance(value, list):
+        return value[0]  # model.num_layers=N
+    return value if isinstance(value, str) else f"rank{value}"
+
+
+@pytest.mark.parametrize("recipe,overrides,knobs,rank", PARALLEL_SHAPES, ids=_layout_id)
+def test_multi_rank_memory_within_10_percent_of_memtracker(recipe, overrides, knobs, rank):
+    """One rank of tp2, tp2 + SP, FSDP2 (dp2, full) and pp2 (one micro-batch through a stage)."""
+    from tests.planning.accounting import measure_parallel
+    from toolkit.planning.memory import _rank_memory
+
+    layout = Layout(**{**dict(tp=1, pp=1, vpp=1, dp=1, sharding="none", sp=False, recompute="none", micro_batch=1,
+                              num_microbatches=1), **knobs})
+    cfg = load_config(recipe, overrides + [
+        f"parallel.tensor_model_parallel_size={layout.tp}", f"parallel.pipeline_model_parallel_size={layout.pp}",
+        f"parallel.sequence_parallel={str(layout.sp).lower()}", f"parallel.data_parallel_sharding={layout.sharding}",
+        "trainer.micro_batch_size=1", f"trainer.global_batch_size={layout.dp}"])
+    layout = Layout(**{**layout.__dict__, "recompute": cfg.model.recompute_granularity})
+    measured = measure_parallel(cfg, layout.tp * layout.pp * layout.dp, rank=rank)
+    pp_rank = rank // (layout.tp * layout.dp)
+    first, last = pp_rank == 0, pp_rank == layout.pp - 1
+    mem = _rank_memory(cfg, Shape.of(cfg), layout, "measured", first=first, last=last, rank=pp_rank)
+    planned = {"params": mem.weights, "optimizer": mem.optimizer,
+               "activations": mem.activations + mem.weight_casts, "peak": mem.peak}
+    for key, value in measured.items():
+        assert planned[key] == pytest.approx(value, rel=0.10), (key, planned[key] / value)
+    assert planned["params"] == measured["params"]  # this rank's shards, exactly
+    if layout.pp == 1:
+        assert memory(cfg, layout).peak == mem.peak
+
+
 def test_memory_of_a_real_tiny_step_on_cpu():
     cfg = load_config("gpt-tiny", ["model.vocab_size=512", "model.num_layers=2",
                                    "trainer.micro_batch_size=2", "trainer.global_batch_size=2"])

@@ -13,7 +13,12 @@ in Large Transformer Models"), whose Megatron layer keeps ``s·b·h·(34 + 5·a�
   no ``s × s`` score matrix is kept — Korthikanti's ``5·a·s/h`` term is gone, as with selective
   recompute in Megatron;
 * sequence parallelism divides the norm/dropout region by ``tp``; ``selective`` recompute keeps the
-  layer input and the matmul outputs; ``full`` keeps only the layer input (fp32, ``4·s·b·h``).
+  layer input and the matmul outputs; ``full`` keeps only the layer input (fp32, ``4·s·b·h``);
+* the logits' gradients take 8 bytes per logit (fp32 and compute dtype), 12 under tensor
+  parallelism (``loss_parallel``'s backward holds three fp32 buffers); FSDP2 ``full`` gathers
+  layers for backward after those are freed (the larger of the two transients counts); a pipeline
+  stage keeps each in-flight micro-batch's output hidden states until its backward — all three
+  measured on rank 0 of tp2 / dp2 / pp2 layouts under the fake process group (``tests/planning``).
 """
 
 from __future__ import annotations
@@ -260,6 +265,10 @@ def _rank_memory(cfg: RunConfig, sh: Shape, layout: Layout, name: str, *, first:
     vocab_local = sh.padded_vocab(t) / t
     if first and sh.hidden_dropout:  # the embedding dropout's mask
         acts += tokens * sh.hidden / norm_div
+    if layout.pp > 1:  # the pipeline keeps each in-flight chunk's output (fp32 hidden states) until its
+        # backward; the last rank's last chunk outputs the loss instead
+        chunks_held = layers_held * layout.pp * layout.vpp / sh.layers
+        acts += 4 * sh.hidden * tokens / norm_div * max(chunks_held - (1 if last else 0), 0)
     if last:  # final norm input (+ RMSNorm's normalized copy), the head's input, the fp32 log-softmax
         acts += tokens * (4 * sh.hidden * (2 if sh.rms else 1) / norm_div + c * sh.hidden + 4 * vocab_local)
         if sh.family == "bert":  # MLM transform: dense input and output, GELU output, its norm's fp32 input
@@ -268,9 +277,12 @@ def _rank_memory(cfg: RunConfig, sh: Shape, layout: Layout, name: str, *, first:
     if precision != "fp32":  # recomputed layers cast their weights again in backward; the head is not recomputed
         casts = c * ((params.layers * layer_matrix_params(sh, t) if layout.recompute == "none" else 0)
                      + params.head_matrix)
-    temp = gathered
-    if last:
-        temp += 8 * vocab_local * tokens  # gradients of the logits (fp32 and compute dtype)
+    temp = 0.0
+    if last:  # gradients of the logits (fp32 and compute dtype); the vocabulary-parallel cross-entropy
+        # backward (loss_parallel, tp > 1) holds two more fp32 buffers (one-hot mask, exp) at once
+        temp += (12 if t > 1 else 8) * vocab_local * tokens
+    # FSDP gathers layers only once the logits' gradients are freed (measured): the larger of the two
+    temp = max(temp, gathered)
     if layout.recompute != "none":  # one layer recomputed in full, and its weight casts
         temp += layer_activation_bytes_per_token(sh, layout, precision, "none") * tokens
         temp += c * layer_matrix_params(sh, t) if precision != "fp32" else 0

@@ -74,9 +74,11 @@ def explain(cfg: RunConfig, gpu: GPU, e: Estimate, index: int) -> str:
         f"  optimizer   {_gib(mem.optimizer):>8} GiB  8 B × params / {d['data_parallel_shards']} (AdamW moments, fp32)",
         f"  activations {_gib(mem.activations):>8} GiB  {d['layer_bytes_per_token']:.1f} B per token per layer × "
         f"{d['tokens_per_microbatch']} tokens × {d['layer_microbatches_in_flight']:.1f} layer-micro-batches in flight"
-        + (" + logits (4 B × vocab/tp per token)" if mem.rank in ("last", "only") else ""),
+        + (" + logits (4 B × vocab/tp per token)" if mem.rank in ("last", "only") else "")
+        + (" + each in-flight chunk's output (4 B × h per token) held by the pipeline" if lay.pp > 1 else ""),
         f"  weight casts{_gib(mem.weight_casts):>8} GiB  {c} B × matrix params kept by autocast for backward",
-        f"  temporary   {_gib(mem.temporary):>8} GiB  logits gradients (8 B × vocab/tp per token), a recomputed layer,"
+        f"  temporary   {_gib(mem.temporary):>8} GiB  logits gradients ({12 if e.layout.tp > 1 else 8} B × vocab/tp per "
+        f"token), a recomputed layer,"
         f" FSDP gathers",
         f"  peak        {_gib(mem.peak):>8} GiB  max(forward/backward {_gib(mem.forward_backward_peak)}, optimizer step "
         f"{_gib(mem.step_peak)} incl. foreach AdamW's 4 B × params); fits: {e.fits}",
