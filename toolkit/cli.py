@@ -72,7 +72,8 @@ def _cmd_evaluate(args) -> int:
 
     from toolkit.training.predict import evaluate_run
 
-    result = evaluate_run(args.run_dir, split=args.split, data=args.data, device=_device(args.device))
+    result = evaluate_run(args.run_dir, split=args.split, data=args.data, device=_device(args.device),
+                          batch_size=args.batch_size, perplexity=args.perplexity, stride=args.stride)
     print(json.dumps({k: v for k, v in result.items() if k not in ("per_type",)}, indent=2))
     return 0
 
@@ -80,8 +81,39 @@ def _cmd_evaluate(args) -> int:
 def _cmd_predict(args) -> int:
     from toolkit.training.predict import predict_run
 
-    out = predict_run(args.run_dir, args.input, args.output, device=_device(args.device))
+    out = predict_run(args.run_dir, args.input, args.output, device=_device(args.device), batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed)
     print(f"written: {out}")
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from toolkit.data.tasks.sft import chat_template
+    from toolkit.training.generative import chat_replies, load_lm_run
+
+    model, cfg, tokenizer, _ = load_lm_run(args.run_dir, device=_device(args.device))
+    if sys.stdin.isatty():
+        print("one user turn per line; end with Ctrl-D", file=sys.stderr)
+    turns = (line.rstrip("\n") for line in sys.stdin if line.strip())
+    for reply in chat_replies(model, tokenizer, turns, template=chat_template(cfg, tokenizer), system=args.system,
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed):
+        print(reply, flush=True)
+    return 0
+
+
+def _cmd_lm_eval(args) -> int:
+    import json
+
+    try:
+        from toolkit.training.lm_eval_adapter import run_lm_eval
+    except ImportError as e:
+        raise ConfigError(f"megaforge lm-eval needs EleutherAI's lm-eval ({e}); pip install 'megaforge[eval]'") from None
+    results = run_lm_eval(args.run_dir, tasks=args.tasks.split(","), include_path=args.include_path,
+                          device=_device(args.device), batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                          limit=args.limit)
+    print(json.dumps(results, indent=2, default=str))
     return 0
 
 
@@ -216,19 +248,56 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="config overrides, e.g. checkpoint.init_from=runs/bert-tiny")
     s.set_defaults(func=_cmd_train)
 
-    s = command("evaluate", help="task metrics of a fine-tuned run on a split; writes RUN_DIR/eval_<split>.json")
-    s.add_argument("run_dir", help="run directory of a fine-tuning run")
+    s = command("evaluate", help="task metrics of a fine-tuned run on a split (RUN_DIR/eval_<split>.json), or the "
+                                 "perplexity of a decoder run on --data")
+    s.add_argument("run_dir", help="run directory of a fine-tuning run, or of a GPT/Llama run with --perplexity")
     s.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="split (default valid)")
-    s.add_argument("--data", default=None, help="evaluate on this file instead of the run's task.<split>_file")
+    s.add_argument("--data", default=None, help="evaluate on this file instead of the run's task.<split>_file; "
+                                                "with --perplexity: a .jsonl ('text'), .txt or indexed dataset prefix")
+    s.add_argument("--perplexity", action="store_true",
+                   help="loss and perplexity of a decoder run on --data (always, for a pretraining run); "
+                        "writes RUN_DIR/eval_perplexity.json")
+    s.add_argument("--stride", type=int, default=None,
+                   help="--perplexity: tokens between window starts (default model.seq_length, no overlap)")
+    s.add_argument("--batch-size", type=int, default=32, help="examples (or windows) per forward pass (default 32)")
     s.add_argument("--device", default="auto", choices=DEVICES, help="auto (a GPU when one is visible), cpu or cuda")
     s.set_defaults(func=_cmd_evaluate)
 
-    s = command("predict", help="run a fine-tuned model over text: entities with character offsets (jsonl or BRAT)")
-    s.add_argument("run_dir", help="run directory of a fine-tuning run")
-    s.add_argument("--input", required=True, help=".txt file, .jsonl file with a 'text' key, or a folder of .txt files")
+    s = command("predict", help="run a fine-tuned model over text: entities with character offsets (jsonl or BRAT); "
+                                "a decoder run: a completion per jsonl prompt")
+    s.add_argument("run_dir", help="run directory of a fine-tuning run, or of a GPT/Llama run")
+    s.add_argument("--input", required=True, help=".txt file, .jsonl file with a 'text' key, or a folder of .txt files; "
+                                                  "a decoder run: jsonl with 'prompt' or 'messages' per line")
     s.add_argument("--output", required=True, help="output .jsonl file, or a folder for BRAT .txt/.ann files")
+    s.add_argument("--batch-size", type=int, default=32, help="inputs per batch (default 32)")
+    s.add_argument("--max-new-tokens", type=int, default=128, help="generative runs: tokens to generate (default 128)")
+    s.add_argument("--temperature", type=float, default=0.0, help="generative runs: 0 = greedy (default 0)")
+    s.add_argument("--top-k", type=int, default=None, help="generative runs: sample from the k most likely tokens")
+    s.add_argument("--top-p", type=float, default=None, help="generative runs: nucleus sampling mass")
+    s.add_argument("--seed", type=int, default=0, help="generative runs: sampling seed (default 0)")
     s.add_argument("--device", default="auto", choices=DEVICES, help="auto (a GPU when one is visible), cpu or cuda")
     s.set_defaults(func=_cmd_predict)
+
+    s = command("chat", help="multi-turn chat with a decoder run: one user turn per stdin line, replies on stdout")
+    s.add_argument("run_dir", help="run directory of a GPT/Llama run (sft, or pretraining)")
+    s.add_argument("--system", default=None, help="system message opening the conversation")
+    s.add_argument("--max-new-tokens", type=int, default=128, help="tokens per reply at most (default 128)")
+    s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
+    s.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s.add_argument("--device", default="auto", choices=DEVICES, help="auto (a GPU when one is visible), cpu or cuda")
+    s.set_defaults(func=_cmd_chat)
+
+    s = command("lm-eval", help="score a decoder run on lm-evaluation-harness tasks (needs megaforge[eval])")
+    s.add_argument("run_dir", help="run directory of a GPT/Llama run")
+    s.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    s.add_argument("--include-path", default=None, help="folder of extra task YAML files (local tasks)")
+    s.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    s.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    s.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default 8)")
+    s.add_argument("--device", default="auto", choices=DEVICES, help="auto (a GPU when one is visible), cpu or cuda")
+    s.set_defaults(func=_cmd_lm_eval)
 
     s = command("generate", help="continue a prompt with a trained run's latest checkpoint")
     s.add_argument("run_dir", help="run directory (trainer.run_dir of the training run)")
@@ -270,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "Megatron-LM checkpoint folder (legacy or megatron-core), NeMo 1.x .nemo file or "
                                "NeMo 2.0 folder (detected automatically)")
     s.add_argument("out", help="output folder (--to nemo: the .nemo file)")
-    s.add_argument("--to", required=True, choices=["hf", "megaforge", "nemo"],
-                   help="output format (nemo: a NeMo 1.x .nemo archive of a megaforge GPT run)")
+    s.add_argument("--to", required=True, choices=["hf", "megaforge", "nemo", "peft"],
+                   help="output format (nemo: a NeMo 1.x .nemo archive of a megaforge GPT run; peft: the adapter "
+                        "folder of a LoRA run; hf on a LoRA run: the merged model)")
     s.add_argument("--verify", action="store_true",
                    help="compare logits of both sides on a probe batch (and tokenizer ids); exit 1 above tolerance")
     s.add_argument("--max-shard-size", default="2GB", help="split safetensors above this size (default 2GB)")

@@ -139,7 +139,7 @@ class CheckpointConfig:
 
 @dataclass
 class TaskConfig:
-    type: str = "none"  # none (pretraining) | token_classification | sequence_classification | regression | sft
+    type: str = "none"  # none (pretraining) | token_classification | sequence_classification | regression | sft | seq2seq
     train_file: Optional[str] = None  # training data: a file, a BRAT folder, or a shipped task NAME:SPLIT
     valid_file: Optional[str] = None  # validation data (metrics every trainer.eval_interval, checkpoints/best)
     test_file: Optional[str] = None  # test data (megaforge evaluate RUN --split test)
@@ -150,6 +150,20 @@ class TaskConfig:
     labels: List[str] = field(default_factory=list)  # label names in id order; set from the training file
     chat_template: Optional[str] = None  # sft: Jinja2 chat template (text or a file); None → the tokenizer's, else the default
     packing: bool = False  # sft: pack several samples per training sequence (attention and positions kept per sample)
+    input_field: str = "input"  # seq2seq: the jsonl key holding the encoder input text
+    target_field: str = "target"  # seq2seq: the jsonl key holding the target text (trained, and scored by evaluate)
+
+
+@dataclass
+class PeftConfig:
+    method: str = "none"  # none (train every weight) | lora (frozen base, low-rank adapters; heads stay trainable)
+    rank: int = 8  # lora: r, the inner size of each adapter (A: [r, in], B: [out, r])
+    alpha: float = 16.0  # lora: the adapter output is scaled by alpha / rank
+    dropout: float = 0.0  # lora: dropout on the adapter's input
+    target_modules: List[str] = field(default_factory=lambda: ["q", "v"])  # lora: linears to adapt, by megaforge
+    #   name (q k v out fc1 gate fc2) or the family's HF name (q_proj ... down_proj, c_attn c_proj c_fc, query key value dense)
+    base_model_name_or_path: Optional[str] = None  # `convert --to peft`: the HF base the adapter names; None → the
+    #   HF folder/id checkpoint.init_from came from, else an HF export of the base written beside the adapter
 
 
 @dataclass
@@ -189,6 +203,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
 
 CHOICES = {  # model.family is checked against the registry (built-in families and plugins)
@@ -207,7 +222,8 @@ CHOICES = {  # model.family is checked against the registry (built-in families a
     "trainer.precision": ("fp32", "bf16", "fp16"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "logging.wandb.mode": ("offline", "online"),
-    "task.type": ("none", "token_classification", "sequence_classification", "regression", "sft"),
+    "peft.method": ("none", "lora"),
+    "task.type": ("none", "token_classification", "sequence_classification", "regression", "sft", "seq2seq"),
 }
 
 
@@ -428,6 +444,13 @@ def validate(cfg: RunConfig) -> None:
     if cfg.task.type != "none" and cfg.task.type not in spec.task_objectives:
         raise ConfigError(f"model.family={m.family} fine-tunes for task.type {', '.join(spec.task_objectives)}, not "
                           f"{cfg.task.type}")
+    if cfg.peft.method == "lora":
+        if cfg.peft.rank <= 0 or cfg.peft.alpha <= 0:
+            raise ConfigError(f"peft.rank and peft.alpha must be positive, got {cfg.peft.rank} and {cfg.peft.alpha}")
+        if not 0.0 <= cfg.peft.dropout < 1.0:
+            raise ConfigError(f"peft.dropout must be in [0, 1), got {cfg.peft.dropout}")
+        if not cfg.peft.target_modules:
+            raise ConfigError("peft.method=lora needs peft.target_modules (e.g. [q, v] or [q_proj, v_proj])")
     if spec.validate is not None:
         spec.validate(cfg)
 

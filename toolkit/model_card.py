@@ -124,7 +124,8 @@ def _card_body(repo_id: str, info: ModelInfo, prov: dict | None, cfg: dict, corp
 _PAIR_TASKS = {"sop": "sentence-order", "nsp": "next-sentence"}  # data.bert_pair_task → card wording
 _TASK_WORDS = {"token_classification": "token classification (named-entity recognition)",
                "sequence_classification": "sequence classification", "regression": "regression (a score per text pair)",
-               "sft": "instruction following (supervised fine-tuning on prompt/completion and chat data)"}
+               "sft": "instruction following (supervised fine-tuning on prompt/completion and chat data)",
+               "seq2seq": "sequence to sequence (input → target text)"}
 #: evaluate's flat metrics shown on the card, in this order
 _CARD_METRICS = ("f1_strict", "precision_strict", "recall_strict", "f1_lenient", "token_accuracy", "accuracy",
                  "macro_f1", "pearson", "spearman", "exact_match", "token_f1", "rouge_l", "loss")

@@ -71,8 +71,12 @@ def test_sft_learns_answers_that_end_by_themselves(tmp_path):
     assert card.returncode == 0, card.stderr[-2000:]
     assert "Fine-tuned for instruction following" in card.stdout
     assert f"| exact_match | {scores['exact_match']:.4f} |" in card.stdout  # evaluate's scores on the card
-    pred = cli_main("predict", str(run), "--input", str(tmp_path / "valid.jsonl"), "--output", str(tmp_path / "p.jsonl"))
-    assert pred.returncode == 2 and "use `megaforge generate" in pred.stderr
+    pred = cli_main("predict", str(run), "--input", str(tmp_path / "valid.jsonl"), "--output", str(tmp_path / "p.jsonl"),
+                    "--max-new-tokens", "8")  # batched greedy answers, each line written back with its completion
+    assert pred.returncode == 0, pred.stderr
+    got = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [g["prompt"] for g in got] == [f"What color is the {k}? Answer:" for k in COLORS]
+    assert sum(g["completion"] == f" {v}" for g, v in zip(got, COLORS.values())) >= 5
 
 
 def test_sft_is_for_decoders_and_token_classification_is_for_encoders():

@@ -252,7 +252,8 @@ class CheckpointManager:
     # ---- loading -------------------------------------------------------------------------
     def load(self, path: Path, model: nn.Module | Sequence[nn.Module],
              optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
-             *, process_group=None, partial: bool = False, skip: Sequence[str] = (), verified: bool = False) -> dict:
+             *, process_group=None, partial: bool = False, skip: Sequence[str] = (), verified: bool = False,
+             frozen: bool = False) -> dict:
         """Load model (and optimizer) state in place from ``path``; returns its trainer state.
 
         The files are checked against the checkpoint's checksums first (unless ``verified``: the
@@ -262,6 +263,7 @@ class CheckpointManager:
         ``partial``: load the model tensors the checkpoint has and leave the others as they are (a
         fine-tuning head on a pretrained encoder), and also those whose names start with a prefix in
         ``skip`` (a fine-tuned head for another task); their names are returned under ``"not_loaded"``.
+        ``frozen``: load frozen parameters too (a LoRA run's base from ``checkpoint.init_from``).
         """
         if not verified and (damage := self.damage(path)):
             intact = [p.name for p in CheckpointManager(path.parent, verify_hashes=self.verify_hashes).steps()
@@ -269,7 +271,7 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} is damaged: {_summary(damage)}; intact checkpoints beside it: "
                                   f"{', '.join(intact) or 'none'} (pass one of them instead)")
         trainer_state = read_trainer_state(path)
-        state = app_state(model, optimizer)
+        state = app_state(model, optimizer, frozen=frozen)
         not_loaded: list[str] = []
         if partial:
             saved = saved_tensor_shapes(path)
@@ -325,17 +327,26 @@ def _parts(model, optimizer) -> tuple[list[nn.Module], list[torch.optim.Optimize
     return models, optimizers
 
 
+def has_frozen(model: nn.Module | Sequence[nn.Module]) -> bool:
+    """Whether some parameter is frozen (a LoRA run's base): checkpoints then hold only the trainable ones."""
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    return any(not p.requires_grad for part in models for p in part.parameters())
+
+
 def app_state(model: nn.Module | Sequence[nn.Module],
-              optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None) -> dict[str, Any]:
+              optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None, *,
+              frozen: bool = False) -> dict[str, Any]:
     """``{"model": ..., "optim": ...}`` with fully qualified single-device names (DTensors kept sharded).
 
     ``model`` may be a list of parts (the pipeline stages a rank holds) with one optimizer per part:
-    their state dicts are merged (parts hold disjoint names).
+    their state dicts are merged (parts hold disjoint names). Frozen parameters (a LoRA run's base,
+    rebuilt from ``checkpoint.init_from`` or the seed) are left out unless ``frozen``.
     """
     models, optimizers = _parts(model, optimizer)
     state: dict[str, Any] = {"model": {}}
+    options = StateDictOptions(ignore_frozen_params=not frozen)
     for part in models:
-        state["model"].update(get_model_state_dict(part))
+        state["model"].update(get_model_state_dict(part, options=options))
     if optimizers is not None:
         state["optim"] = {}
         for part, opt in zip(models, optimizers):
@@ -352,7 +363,15 @@ def set_app_state(model: nn.Module | Sequence[nn.Module],
     for i, part in enumerate(models):
         own = get_model_state_dict(part).keys() if len(models) > 1 else state["model"].keys()
         own = [k for k in own if k in state["model"]]
-        set_model_state_dict(part, {k: state["model"][k] for k in own}, options=StateDictOptions(strict=strict))
+        # a frozen base is not in the state (see app_state): strictness then covers the trainable keys
+        if strict and has_frozen(part):
+            trainable = get_model_state_dict(part, options=StateDictOptions(ignore_frozen_params=True)).keys()
+            missing = sorted(set(trainable) - set(own))
+            if missing:
+                raise CheckpointError(f"the checkpoint has no {missing[0]} (and {len(missing) - 1} more trainable "
+                                      "tensors); was it written by a different model configuration?")
+        set_model_state_dict(part, {k: state["model"][k] for k in own},
+                             options=StateDictOptions(strict=strict and not has_frozen(part)))
         if optimizers is not None:
             own = (get_optimizer_state_dict(part, optimizers[i], options=_OPTIM_OPTIONS).keys()
                    if len(models) > 1 else state["optim"].keys())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from toolkit.checkpoint.native import LATEST, CheckpointManager, is_complete, load_model_weights
+from toolkit.checkpoint.native import LATEST, CheckpointManager, has_frozen, is_complete, load_model_weights
 from toolkit.config import RunConfig, load_config
 from toolkit.errors import CheckpointError
 from toolkit.models.build import build_initialized_model
@@ -52,5 +52,12 @@ def load_megaforge_model(src: str | Path, *, device: str = "cpu") -> tuple[torch
     run_dir, step = resolve_checkpoint(src)
     cfg = load_config(str(run_dir / "config.yaml"))
     model = build_initialized_model(cfg, torch.device(device))
+    if has_frozen(model) and cfg.checkpoint.init_from:  # a LoRA run: its base first, then its adapters
+        if not Path(cfg.checkpoint.init_from).exists():
+            raise CheckpointError(f"{run_dir} is a LoRA run whose checkpoints hold only its adapters; its base "
+                                  f"{cfg.checkpoint.init_from} (checkpoint.init_from) is gone; restore it, or import "
+                                  "the base again there (megaforge convert BASE ... --to megaforge)")
+        _, base_step = resolve_checkpoint(cfg.checkpoint.init_from)
+        CheckpointManager(base_step.parent).load(base_step, model, None, partial=True, frozen=True)
     load_model_weights(step, model)
     return model.float().eval(), cfg, load_run_tokenizer(run_dir)

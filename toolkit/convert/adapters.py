@@ -56,7 +56,7 @@ def export_target(cfg: RunConfig) -> HFTarget:
     """The target a run exports to: the pretraining class, or with a task head (``task.type``) the
     family's task class (``FamilyAdapter.select_task``)."""
     adapter = family_adapter(cfg.model.family)
-    if cfg.task.type in ("none", "sft"):  # supervised fine-tuning keeps the language model itself
+    if cfg.task.type in ("none", "sft", "seq2seq"):  # generative fine-tuning keeps the language model itself
         return adapter.select(cfg.model)
     if adapter.select_task is None:
         raise CheckpointError(f"model family {cfg.model.family!r} has no Hugging Face task class for "
@@ -90,7 +90,7 @@ def task_from_hf(hf_config: dict, task_type: str, *, where: str) -> TaskConfig |
 def task_config(task: TaskConfig) -> dict:
     """config.json keys of a task head: labels (``id2label``/``label2id``) and, for sequence tasks,
     ``problem_type``; empty for a pretraining run."""
-    if task.type in ("none", "sft"):
+    if task.type in ("none", "sft", "seq2seq"):
         return {}
     if task.type == "regression":
         return {"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},

@@ -15,6 +15,7 @@ from toolkit.convert.hf import export_hf, import_hf, is_hub_id
 from toolkit.convert.megaforge_folder import check_new_run_dir
 from toolkit.convert.megatron_legacy import RANK_FILE, check_imported_logits, is_megatron_checkpoint, plan_megatron
 from toolkit.convert.nemo import export_nemo, import_nemo, is_nemo_archive, is_nemo_source, nemo_to_hf
+from toolkit.convert.peft_export import export_peft
 from toolkit.convert.provenance import update_provenance
 from toolkit.convert.reshard import reshard_offline
 from toolkit.errors import CheckpointError
@@ -65,9 +66,14 @@ def convert(src: str | Path, out: str | Path, *, to: str, verify: bool = False, 
     layout; a megaforge source is then resharded offline). A Megatron-LM or NeMo checkpoint goes
     ``--to hf`` in one step (:func:`megatron_to_hf`, :func:`~toolkit.convert.nemo.nemo_to_hf`); a
     megaforge GPT run goes ``--to nemo`` as a NeMo 1.x ``.nemo`` archive."""
-    if to not in ("hf", "megaforge", "nemo"):
-        raise CheckpointError(f"--to {to!r} is not one of hf, megaforge, nemo")
+    if to not in ("hf", "megaforge", "nemo", "peft"):
+        raise CheckpointError(f"--to {to!r} is not one of hf, megaforge, nemo, peft")
     kind = detect_source(src)
+    if to == "peft":
+        if kind != "megaforge":
+            raise CheckpointError(f"--to peft needs a megaforge LoRA run directory or checkpoint; {src} is a "
+                                  f"{_KIND_NAMES[kind]}")
+        return export_peft(src, out)
     if to == "nemo":
         if kind != "megaforge":
             raise CheckpointError(f"--to nemo needs a megaforge run directory or checkpoint; {src} is a "

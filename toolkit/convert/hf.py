@@ -38,6 +38,7 @@ from toolkit.convert.adapters import (
     task_config,
     task_from_hf,
 )
+from toolkit.convert.lora_weights import merged_lora_weights, tensor_dict_source
 from toolkit.convert.megaforge_folder import expected_shapes, write_megaforge_folder
 from toolkit.convert.provenance import write_provenance
 from toolkit.convert.streaming import (
@@ -68,19 +69,24 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
 
 def export_hf(src: str | Path, out: str | Path, *, verify: bool = False, dtype: str | torch.dtype | None = None,
-              max_shard_size: int | str = "2GB", tolerance: float = 1e-4) -> Path:
+              max_shard_size: int | str = "2GB", tolerance: float = 1e-4,
+              weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the Hugging Face folder ``out`` from a megaforge run directory or ``step_N`` checkpoint.
 
     ``dtype`` (fp32 | bf16 | fp16, default: as stored) casts the weights. With ``verify`` the
     exported folder is loaded with ``transformers`` and compared with our model on a probe batch;
     a difference above ``tolerance`` raises :class:`~toolkit.convert.verify.VerificationError`.
+    A LoRA run (``peft.method: lora``) is written merged (its base with every adapter folded in);
+    ``weights`` replaces the checkpoint's tensors (single-device names; the base of a ``--to peft`` export).
     """
     run_dir, step_dir = resolve_checkpoint(src)
     cfg = load_config(str(run_dir / "config.yaml"))
     mcfg = cfg.model
     adapter = family_adapter(mcfg.family)
     target = export_target(cfg)
-    source = DCPSource(step_dir)
+    if weights is None and cfg.peft.method == "lora":
+        weights = merged_lora_weights(step_dir)
+    source = DCPSource(step_dir) if weights is None else tensor_dict_source(weights)
     tp = cfg.parallel.tensor_model_parallel_size  # the vocabulary was padded for the layout it trained with
     ours = expected_shapes(mcfg, tp, task=cfg.task)
     ctx = padded_context(adapter, mcfg, tp)

@@ -106,6 +106,10 @@ def public_config(config: dict) -> dict:
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("init_from"), str) \
             and not _is_hub_id(checkpoint["init_from"]):
         checkpoint["init_from"] = name_only(checkpoint["init_from"])
+    peft = config.get("peft")
+    if isinstance(peft, dict) and isinstance(peft.get("base_model_name_or_path"), str) \
+            and not _is_hub_id(peft["base_model_name_or_path"]):  # a LoRA run's local HF base
+        peft["base_model_name_or_path"] = name_only(peft["base_model_name_or_path"])
     task = config.get("task")
     template = task.get("chat_template") if isinstance(task, dict) else None
     if isinstance(template, str) and "{" not in template and "\n" not in template:  # a file name, not a template

@@ -16,6 +16,7 @@ from torch import nn
 from toolkit.config import ModelConfig, RunConfig, TaskConfig
 from toolkit.errors import ConfigError
 from toolkit.models.common.init import InitRules, init_parameters
+from toolkit.models.common.lora import apply_lora, has_lora, init_lora, lora_init_rules
 from toolkit.registry import get_spec
 
 
@@ -32,15 +33,24 @@ def build_model(cfg: ModelConfig, *, tensor_parallel_size: int = 1, task: TaskCo
 
 
 def build_meta_model(cfg: RunConfig) -> nn.Module:
-    """The whole model on ``meta`` (its vocabulary padded for ``parallel.tensor_model_parallel_size``)."""
+    """The whole model on ``meta`` (its vocabulary padded for ``parallel.tensor_model_parallel_size``),
+    with LoRA adapters on a frozen base when ``peft.method`` is lora."""
     with torch.device("meta"):
-        return build_model(cfg.model, tensor_parallel_size=cfg.parallel.tensor_model_parallel_size, task=cfg.task)
+        model = build_model(cfg.model, tensor_parallel_size=cfg.parallel.tensor_model_parallel_size, task=cfg.task)
+    if cfg.peft.method == "lora":
+        apply_lora(model, cfg.peft)
+    return model
 
 
 def init_rules(model: nn.Module) -> InitRules | None:
     """The family's per-parameter init rules (``model.init_rules()``), or None if it has none."""
     fn = getattr(model, "init_rules", None)
-    return fn() if fn is not None else None
+    if fn is None:
+        return None
+    rules = dict(fn())
+    if has_lora(model):  # the family's rules see the adapters as plain linears: theirs replace them
+        rules.update(lora_init_rules(model))
+    return rules
 
 
 def materialize(part: nn.Module, rules: InitRules, seed: int, device: torch.device) -> nn.Module:
@@ -62,5 +72,7 @@ def build_initialized_model(cfg: RunConfig, device: torch.device) -> nn.Module:
     if rules is None:
         model.to_empty(device=device)
         model.init_weights(cfg.trainer.seed)
+        if has_lora(model):
+            init_lora(model, cfg.trainer.seed)
         return model
     return materialize(model, rules, cfg.trainer.seed, device)

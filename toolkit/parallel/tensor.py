@@ -119,6 +119,10 @@ def apply_plan(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, ParallelSt
         style.src_data_rank = None
         for n in hits:
             resolved.setdefault(n, style)
+    for n, style in list(resolved.items()):  # a module may adapt its style (LoRA linears split their adapters)
+        adapt = getattr(model.get_submodule(n), "tensor_parallel_style", None)
+        if adapt is not None:
+            resolved[n] = adapt(style)
     parallelize_module(model, tp_mesh, resolved)
     replicate_remaining(model, tp_mesh)
     return model

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -24,12 +25,13 @@ from toolkit.data.tasks.encoding import merge_word_predictions
 from toolkit.data.tasks.sft import SftDataset, chat_template, encode_sft_examples, generation_prompt, read_sft
 from toolkit.errors import ConfigError, DataError
 from toolkit.evaluation.metrics import classification_metrics, generation_metrics, ner_metrics, regression_metrics
+from toolkit.training import seq2seq
 
 logger = logging.getLogger(__name__)
 
 #: the validation metric ``checkpoints/best`` follows unless ``task.metric_for_best`` names another
 MAIN_METRIC = {"token_classification": "f1_strict", "sequence_classification": "accuracy", "regression": "pearson",
-               "sft": "loss"}
+               "sft": "loss", "seq2seq": "rouge_l"}
 
 
 def split_file(cfg: RunConfig, split: str) -> str | None:
@@ -82,6 +84,8 @@ class FinetuneData:
     train: EpochSampled  # max_steps × global_batch_size samples, epoch by epoch
     valid: TaskDataset | None
     labels: LabelSet | None
+    # a task's own validation, device → (model parts → scores) (seq2seq: loss and generation scores)
+    make_evaluator: Callable[[torch.device], Callable[[list[nn.Module]], dict]] | None = None
 
 
 def prepare(cfg: RunConfig, tokenizer) -> FinetuneData:
@@ -91,6 +95,8 @@ def prepare(cfg: RunConfig, tokenizer) -> FinetuneData:
                           "task such as ncbi-disease:train)")
     if cfg.task.type == "sft":
         return _prepare_sft(cfg, tokenizer)
+    if cfg.task.type == "seq2seq":
+        return _prepare_seq2seq(cfg, tokenizer)
     train = read_split(cfg, cfg.task.train_file)
     labels = set_labels(cfg, train)
     valid = None
@@ -166,6 +172,13 @@ def _prepare_sft(cfg: RunConfig, tokenizer) -> FinetuneData:
     return FinetuneData(train=EpochSampled(train, t.max_steps * t.global_batch_size, t.seed), valid=valid, labels=None)
 
 
+def _prepare_seq2seq(cfg: RunConfig, tokenizer) -> FinetuneData:
+    train, valid = seq2seq.prepare(cfg, tokenizer)
+    t = cfg.trainer
+    return FinetuneData(train=EpochSampled(train, t.max_steps * t.global_batch_size, t.seed), valid=valid, labels=None,
+                        make_evaluator=lambda device: seq2seq.evaluator(cfg, valid, tokenizer, device))
+
+
 @torch.no_grad()
 def sft_loss(model: nn.Module, dataset: SftDataset, *, batch_size: int, device: torch.device) -> dict:
     """Token-weighted masked next-token loss (and perplexity) of ``model`` over all of ``dataset``."""
@@ -191,24 +204,23 @@ def sft_loss(model: nn.Module, dataset: SftDataset, *, batch_size: int, device: 
 
 @torch.no_grad()
 def sft_generate(model: nn.Module, examples: list, tokenizer, *, template: str | None, device: torch.device,
-                 max_new_tokens: int = 64) -> dict:
-    """Greedy answers (:func:`toolkit.generation.generate_reply`) to each example's prompt, scored
-    against the reference: :func:`generation_metrics`."""
-    from toolkit.generation import generate_reply
+                 max_new_tokens: int = 64, batch_size: int = 32) -> dict:
+    """Greedy answers to each example's prompt, generated in left-padded batches
+    (:func:`toolkit.training.generative.generate_texts`: the same answers as one prompt at a time),
+    scored against the reference: :func:`generation_metrics`."""
+    from toolkit.training.generative import generate_texts
 
-    refs, preds = [], []
-    for ex in examples:
-        prompt, reference = generation_prompt(ex, tokenizer, template)
-        preds.append(generate_reply(model, tokenizer, prompt, max_new_tokens=max_new_tokens, device=device,
-                                    temperature=0.0))
-        refs.append(reference)
-    return generation_metrics(refs, preds)
+    prompts, refs = zip(*(generation_prompt(ex, tokenizer, template) for ex in examples))
+    preds = generate_texts(model, tokenizer, list(prompts), batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return generation_metrics(list(refs), preds)
 
 
 def evaluator(cfg: RunConfig, data: FinetuneData, device: torch.device):
     """``(model parts) -> {metric: value}`` on the validation set, for the trainer (None without one)."""
     if data.valid is None:
         return None
+    if data.make_evaluator is not None:
+        return data.make_evaluator(device)
     if cfg.task.type == "sft":
         return lambda parts: sft_loss(parts[0], data.valid, batch_size=cfg.trainer.micro_batch_size, device=device)
 

@@ -30,7 +30,7 @@ from toolkit.data.tasks.formats import PairExample, json_lines, read_text
 from toolkit.data.tasks.sft import SftDataset, chat_template, encode_sft_examples, read_sft
 from toolkit.data.tasks.shipped import resolve_task_file
 from toolkit.errors import ConfigError, DataError
-from toolkit.training import finetune
+from toolkit.training import finetune, generative, seq2seq
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,21 @@ def _labels(cfg: RunConfig) -> LabelSet | None:
 
 
 def evaluate_run(run_dir: str | Path, *, split: str = "valid", data: str | None = None, device: str = "cpu",
-                 batch_size: int = 32) -> dict:
+                 batch_size: int = 32, perplexity: bool = False, stride: int | None = None) -> dict:
     """The task metrics of the run's model on ``split`` (or on the file ``data``); written to
-    ``RUN_DIR/eval_<split>.json`` and returned."""
+    ``RUN_DIR/eval_<split>.json`` and returned. With ``perplexity`` (always for a pretraining run): the
+    perplexity of a decoder run on ``data`` (:mod:`toolkit.training.perplexity`)."""
+    if perplexity or generative.run_config(run_dir).task.type == "none":
+        from toolkit.training.perplexity import perplexity_run
+
+        return perplexity_run(run_dir, data, stride=stride, device=device, batch_size=batch_size)
     model, cfg, tokenizer, src = load_task_run(run_dir, device=device)
     path = data or finetune.split_file(cfg, split)
     if not path:
         raise ConfigError(f"the run has no task.{split}_file; pass --data FILE")
+    if cfg.task.type == "seq2seq":  # the targets' loss, and greedy outputs scored
+        return _write_eval(run_dir, split, path, src, seq2seq.evaluate(model, cfg, tokenizer, path,
+                                                                       batch_size=batch_size, device=device))
     if cfg.task.type == "sft":  # the masked loss on the split's answers, and greedy answers scored
         template = chat_template(cfg, tokenizer)
         examples = read_sft(resolve_task_file(path))
@@ -170,13 +178,17 @@ def brat_lines(text: str, entities: list[dict]) -> list[str]:
 
 
 def predict_run(run_dir: str | Path, input_path: str | Path, output: str | Path, *, device: str = "cpu",
-                batch_size: int = 32) -> Path:
+                batch_size: int = 32, **generation) -> Path:
     """``megaforge predict RUN --input FILE --output FILE``: jsonl, or BRAT files when ``output`` is a
-    folder (no extension)."""
+    folder (no extension). Decoder runs (pretraining or sft) generate a ``completion`` per prompt line
+    (:mod:`toolkit.training.generative`; ``generation``: max_new_tokens, temperature, top_k, top_p, seed)."""
+    if generative.run_config(run_dir).task.type in ("none", "sft"):
+        return generative.predict_generative(run_dir, input_path, output, device=device, batch_size=batch_size,
+                                             **generation)
     model, cfg, tokenizer, src = load_task_run(run_dir, device=device)
-    if cfg.task.type == "sft":
-        raise ConfigError(f"{run_dir} is an sft run: batch prediction for generative runs is not built yet; use "
-                          "`megaforge generate RUN --prompt TEXT`")
+    if cfg.task.type == "seq2seq":  # each jsonl line back with its greedy "completion"
+        return seq2seq.predict(model, cfg, tokenizer, input_path, output, batch_size=batch_size, device=device,
+                               **generation)
     docs = read_documents(input_path)
     results = predict_documents(model, cfg, tokenizer, [t for _, t in docs], device=device, batch_size=batch_size)
     output = Path(output)

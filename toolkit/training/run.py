@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from toolkit.config import RunConfig, save_config, validate
 from toolkit.convert.init_from import adopt_source_config, adopt_source_task, resolve_init_from, source_config
+from toolkit.convert.lora_weights import record_lora_base
 from toolkit.data.corpus import corpus_prefix
 from toolkit.errors import ConfigError, first_line
 from toolkit.generation import generate_text
@@ -139,7 +140,8 @@ def _resolve_init_from(cfg: RunConfig) -> bool:
     changed = adopt_source_config(cfg, source_dir, src)
     fresh_head = adopt_source_task(cfg, source_dir, src)
     validate(cfg)
-    cfg.checkpoint.init_from = str(step)
+    record_lora_base(cfg, spec)
+    cfg.checkpoint.init_from = str(step.resolve())  # absolute: a LoRA run's base is reloaded from it later
     took = f"; its architecture replaces model.{{{', '.join(changed)}}}" if changed else ""
     logger.info(f"init_from: {spec} → {step} (tokenizer {cfg.tokenizer.path}){took}")
     return fresh_head

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from toolkit.checkpoint import CheckpointManager
+from toolkit.checkpoint.native import has_frozen
 from toolkit.config import RunConfig, to_yaml
 from toolkit.data.sampler import PretrainingSampler
 from toolkit.errors import TrainingDiverged
@@ -149,6 +150,8 @@ class Trainer:
         if latest is None:
             self._load_init_from()
             return False
+        if has_frozen(self.model_parts):  # a LoRA run's checkpoints hold the adapters: the base comes first
+            self._load_init_from()
         state = self.checkpoints.load(latest, self.model_parts, self.optimizers.optimizers, verified=True)
         self.state = TrainState(step=int(state["step"]), consumed_samples=int(state["consumed_samples"]))
         self.precision.load_state_dict(state.get("precision", {}))
@@ -168,11 +171,15 @@ class Trainer:
         source = Path(self.ckpt_cfg.init_from)
         # a fine-tune takes the encoder from a pretrained (or headless) model; its task head starts fresh
         skip = tuple(p for part in self.model_parts for p in getattr(part, "HEAD_PREFIXES", ())) if self.fresh_head else ()
-        state = self.checkpoints.load(source, self.model_parts, None, partial=self.finetuning, skip=skip)
+        lora = has_frozen(self.model_parts)  # the base of a LoRA run: frozen weights loaded, adapters start fresh
+        state = self.checkpoints.load(source, self.model_parts, None, partial=self.finetuning or lora, skip=skip,
+                                      frozen=lora)
         if self.is_logging_rank:
             padded = f"; vocabulary padding re-laid in {len(state['repadded'])} tensors" if state.get("repadded") else ""
-            fresh = state.get("not_loaded") or []
+            fresh = [k for k in state.get("not_loaded") or [] if ".lora_" not in k]
             fresh_note = f"; initialized fresh (not in the source): {', '.join(fresh)}" if fresh else ""
+            if lora:
+                fresh_note += "; LoRA adapters start fresh on the frozen base"
             logger.info(f"initialized the weights from {source}{padded}{fresh_note}")
 
     def save(self) -> Path:

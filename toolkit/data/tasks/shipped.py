@@ -14,7 +14,7 @@ SHIPPED = {
     "ncbi-disease": {"train": "ncbi-disease/train.tsv.gz", "valid": "ncbi-disease/devel.tsv.gz",
                      "test": "ncbi-disease/test.tsv.gz"},
     **{f"clinical-{task}": {split: f"clinical/{task}/{split}.jsonl.gz" for split in ("train", "valid", "test")}
-       for task in ("ner", "note-type", "nli", "sts", "sft")},
+       for task in ("ner", "note-type", "nli", "sts", "sft", "summary", "chat")},
 }
 
 

@@ -84,6 +84,8 @@ class GPTModel(nn.Module):
         caches: list[KVCache] | None = None,
         positions: torch.Tensor | None = None,  # [b, s] per-token positions (packed samples restart at 0)
         segments: torch.Tensor | None = None,  # [b, s] sample id per token: attention stays inside a sample
+        attn_mask: torch.Tensor | None = None,  # [b, 1, s, past + s] bool, True = attend: replaces the causal
+                                                #   mask (left-padded batched generation with caches)
     ) -> torch.Tensor:
         """Logits ``[b, s, padded_vocab]`` (padded columns are -inf), or hidden states on a non-final stage.
 
@@ -98,6 +100,8 @@ class GPTModel(nn.Module):
             causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()  # [s, s]
             mask = (segments[:, :, None] == segments[:, None, :]) & causal  # [b, s, s]
             mask = mask[:, None]  # [b, 1, s, s], broadcast over heads
+        if attn_mask is not None:
+            mask = attn_mask
         # (a last pipeline stage may hold the word embedding only as its tied output weight)
         h = tokens if hidden_in or self.embed is None else self.embed(tokens, positions)
         rope = self.rotary(positions) if self.rotary is not None else None

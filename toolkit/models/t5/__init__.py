@@ -9,7 +9,7 @@ from toolkit.errors import ParallelConfigError
 from toolkit.models.t5.generation import generate_seq2seq
 from toolkit.models.t5.hf import ADAPTER
 from toolkit.models.t5.model import T5Caches, T5Layer, T5Model, T5Stack
-from toolkit.models.t5.objective import t5_span_corruption
+from toolkit.models.t5.objective import seq2seq_lm, t5_span_corruption
 from toolkit.models.t5.parallelize import parallelize_t5
 from toolkit.models.t5.position_bias import RelativePositionBias, relative_position_bucket
 from toolkit.registry import ModelSpec
@@ -32,6 +32,8 @@ SPEC = ModelSpec(
     tensor_parallel=parallelize_t5,
     hf_adapter=ADAPTER,
     validate_parallel=_validate_parallel,
+    build_task=lambda cfg, task, *, tensor_parallel_size=1: T5Model(cfg, tensor_parallel_size=tensor_parallel_size),
+    task_objectives={"seq2seq": seq2seq_lm},  # input → target fine-tuning: the model itself, loss on the targets
 )
 
 __all__ = ["T5Model", "T5Stack", "T5Layer", "T5Caches", "RelativePositionBias", "relative_position_bucket",
