@@ -158,3 +158,48 @@ def test_lora_bad_input_is_one_line_exit_2(tmp_path):
     out = cli_main("convert", str(run), str(tmp_path / "adapter"), "--to", "peft")
     assert out.returncode == 2 and "trained without adapters (peft.method=none)" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "adapter").exists()
+
+
+def test_t5_seq2seq_lora_exports_to_peft_with_our_logits(tmp_path, monkeypatch):
+    """T5 (encoder–decoder): LoRA on q and v of every attention (self and cross), 3 steps of seq2seq;
+    the PEFT adapter on the exported base, unmerged and merged, and the merged HF export give
+    megaforge's logits for the same encoder and decoder ids."""
+    monkeypatch.setenv("MEGAFORGE_CACHE", str(tmp_path / "cache"))
+    rows = [{"input": f"summarize: note {i} lists drug {i % 5}", "target": f"drugs: d{i % 5}"} for i in range(16)]
+    (tmp_path / "s2s.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    run = tmp_path / "run"
+    out = cli_main("finetune", "t5-tiny-clinical", f"task.train_file={tmp_path / 's2s.jsonl'}", "task.valid_file=",
+                   "task.test_file=", "model.num_layers=2", "model.num_decoder_layers=2", "model.hidden_size=64",
+                   "model.ffn_hidden_size=128", "model.kv_channels=16", "model.seq_length=32",
+                   "model.decoder_seq_length=16", "trainer.micro_batch_size=4", "trainer.global_batch_size=4",
+                   "optim.lr=1e-2", "optim.lr_warmup_steps=0", "trainer.max_steps=3", "trainer.eval_interval=0",
+                   "checkpoint.save_interval=0", "trainer.num_threads=1", "logging.plot=false",
+                   "logging.progress_bar=false", "logging.wandb.enabled=false", "peft.method=lora", "peft.rank=4",
+                   "peft.alpha=8", "peft.target_modules=[q,v]", f"trainer.run_dir={run}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert all(".lora_" in n for n in _saved_names(run / "checkpoints" / "step_3") if n.startswith("model."))
+    from toolkit.checkpoint import load_megaforge_model
+
+    model, cfg, _ = load_megaforge_model(run)
+    enc = torch.randint(3, cfg.model.vocab_size, (2, 12))
+    dec = torch.cat([torch.zeros(2, 1, dtype=torch.long), torch.randint(3, cfg.model.vocab_size, (2, 6))], dim=1)
+    with torch.no_grad():
+        ours = model(enc, dec)[..., : cfg.model.vocab_size]
+    out = cli_main("convert", str(run), str(tmp_path / "adapter"), "--to", "peft")
+    assert out.returncode == 0, out.stderr[-2000:]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_2_SEQ_LM" and sorted(config["target_modules"]) == ["q", "v"]
+    base = transformers.AutoModelForSeq2SeqLM.from_pretrained(config["base_model_name_or_path"]).float().eval()
+    with torch.no_grad():
+        plain = base(input_ids=enc, decoder_input_ids=dec).logits
+        tuned = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+        unmerged = tuned(input_ids=enc, decoder_input_ids=dec).logits
+        merged = tuned.merge_and_unload()(input_ids=enc, decoder_input_ids=dec).logits
+    assert not torch.allclose(plain, ours, atol=1e-3)  # the adapters changed the model
+    torch.testing.assert_close(unmerged, ours, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(merged, ours, atol=1e-5, rtol=1e-4)
+    out = cli_main("convert", str(run), str(tmp_path / "merged"), "--to", "hf")
+    assert out.returncode == 0, out.stderr[-2000:]
+    with torch.no_grad():
+        hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "merged")).float().eval()
+        torch.testing.assert_close(hf(input_ids=enc, decoder_input_ids=dec).logits, ours, atol=1e-5, rtol=1e-4)

@@ -216,7 +216,7 @@ class T5Model(nn.Module):
                 rules[f"{name}.weight"] = normal(h ** -0.5)
             elif isinstance(module, nn.Embedding) or (isinstance(module, nn.Linear) and leaf == "head"):
                 rules[f"{name}.weight"] = normal(1.0)
-            elif isinstance(module, nn.Linear):
+            elif isinstance(module, nn.Linear) and leaf in stds:  # LoRA's lora_A/lora_B: their own rules (build)
                 rules[f"{name}.weight"] = normal(stds[leaf])
             if isinstance(module, nn.Linear) and module.bias is not None:
                 rules[f"{name}.bias"] = ZEROS
