@@ -26,7 +26,7 @@ from toolkit.checkpoint.native import BEST, is_complete
 from toolkit.checkpoint.run_dir import load_megaforge_model, resolve_checkpoint
 from toolkit.config import RunConfig, load_config
 from toolkit.data.tasks.formats import json_lines
-from toolkit.data.tasks.sft import ROLES, chat_prompt, chat_template, end_token_id
+from toolkit.data.tasks.sft import chat_prompt, chat_template, check_messages, end_token_id
 from toolkit.errors import ConfigError, DataError
 from toolkit.generation import sample_next
 
@@ -177,18 +177,6 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], *, batch_siz
 
 
 # ---------------------------------------------------------------------------- megaforge predict
-
-
-def check_messages(messages, where: str) -> list[dict]:
-    """A conversation to answer: a non-empty list of ``{role, content}`` with known roles."""
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: messages[{i}] needs a string 'content'")
-        if m.get("role") not in ROLES:
-            raise DataError(f"{where}: messages[{i}] has role {m.get('role')!r}; roles are {', '.join(ROLES)}")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def read_prompts(path: str | Path) -> tuple[list[dict], list[str | list[dict]]]:

@@ -86,20 +86,26 @@ def chat_template(cfg, tokenizer) -> str:
     return DEFAULT_CHAT_TEMPLATE
 
 
+def check_messages(messages, where: str) -> list[dict]:
+    """A conversation: a non-empty list of ``{role, content}`` with known roles (just those two keys
+    kept), or a one-line DataError naming ``where``."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] needs a string 'content'")
+        if m.get("role") not in ROLES:
+            raise DataError(f"{where}: messages[{i}] has role {m.get('role')!r}; roles are {', '.join(ROLES)}")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def parse_sft_record(obj: dict, where: str) -> SftExample:
     """A jsonl record → :class:`SftExample`, or a one-line DataError naming ``where``."""
     if "messages" in obj:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: messages[{i}] needs a string 'content'")
-            if m.get("role") not in ROLES:
-                raise DataError(f"{where}: messages[{i}] has role {m.get('role')!r}; roles are {', '.join(ROLES)}")
+        messages = check_messages(obj["messages"], where)
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: the conversation has no assistant turn, so nothing to train on")
-        return SftExample([{"role": m["role"], "content": m["content"]} for m in messages], where)
+        return SftExample(messages, where)
     if "prompt" in obj and "completion" in obj:
         if not isinstance(obj["prompt"], str) or not isinstance(obj["completion"], str):
             raise DataError(f"{where}: 'prompt' and 'completion' must be strings")
