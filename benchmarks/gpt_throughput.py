@@ -9,7 +9,8 @@ the family objective, loss scaling, ``Trainer._optimizer_step``: clipping throug
 AdamW step, ``zero_grad``, and the loss read back to the host). Hugging Face is a plain loop on the
 same batches: ``GPT2LMHeadModel`` (SDPA attention) of the same shape, the same loss function,
 autocast in the same precision, ``clip_grad_norm_(1.0)`` and AdamW with the same LR, betas, eps,
-weight decay and decay/no-decay grouping (``fused=True`` on CUDA, ``foreach`` on CPU). Both count
+weight decay and decay/no-decay grouping (``fused=True``: the Hugging Face Trainer's default optimizer,
+``adamw_torch_fused``, on CPU and CUDA alike). Both count
 the whole step: host-to-device copy of the batch, forward, backward, clipping, optimizer step.
 
     python benchmarks/gpt_throughput.py --seq 512 --micro-batch 4 --precisions fp32 --steps 2  # CPU, 124M
@@ -190,10 +191,29 @@ class Result:
     info: str = ""  # a note printed under the table
 
 
-def timed(device, warmup_batches, timed_batches, step) -> tuple[float, float, list[float]]:
+#: ``--profile K``: after the timed steps, one more step of each model under ``torch.profiler``, and the
+#: K ops with the most self time printed below the table (0 = off)
+PROFILE_TOP = 0
+
+
+def profile_step(device, step, batch, label: str) -> str:
+    """One ``step(batch)`` under ``torch.profiler``: the ``PROFILE_TOP`` ops by self time, as text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with profile(activities=activities) as prof:
+        step(batch)
+        sync(device)
+    table = prof.key_averages().table(sort_by=sort, row_limit=PROFILE_TOP, max_name_column_width=48)
+    return f"profile of one {label} step (top {PROFILE_TOP} by self time):\n{table}"
+
+
+def timed(device, warmup_batches, timed_batches, step, label: str = "") -> tuple[float, float, list[float]]:
     """Run ``step(batch) -> loss`` over the warm-up batches, then the timed ones; (warm-up s, s/step, losses).
     CUDA is synchronised before and after each region; a loss is read back only where the step itself
-    does so (megaforge's ``train_step`` returns a float every step)."""
+    does so (megaforge's ``train_step`` returns a float every step). With ``PROFILE_TOP`` one more
+    step runs under the profiler afterwards (not timed) and its table is printed."""
     losses = []
     sync(device)
     start = time.perf_counter()
@@ -206,7 +226,12 @@ def timed(device, warmup_batches, timed_batches, step) -> tuple[float, float, li
         losses.append(step(x))
     sync(device)
     per_step = (time.perf_counter() - start) / len(timed_batches)
+    if PROFILE_TOP:
+        PROFILES.append(profile_step(device, step, timed_batches[-1], label))
     return warm, per_step, [float(v) for v in losses]
+
+
+PROFILES: list[str] = []  # the profile tables of this run, printed at the end
 
 
 def run_megaforge(cfg: RunConfig, batches, warmup: int, run_dir: str) -> Result:
@@ -228,12 +253,12 @@ def run_megaforge(cfg: RunConfig, batches, warmup: int, run_dir: str) -> Result:
     assert trainer.num_microbatches == 1 and pipeline is None
 
     def step(x: torch.Tensor) -> float:
-        loss, _grad_norm = trainer.train_step(iter([{"tokens": x}]))  # the trainer's own step
+        loss, _grad_norm, _skipped = trainer.train_step(iter([{"tokens": x}]))  # the trainer's own step
         trainer.state.step += 1  # as Trainer.fit advances it (the LR schedule reads it)
         trainer.state.consumed_samples += cfg.trainer.global_batch_size
         return loss
 
-    warm, per_step, losses = timed(runtime.device, batches[:warmup], batches[warmup:], step)
+    warm, per_step, losses = timed(runtime.device, batches[:warmup], batches[warmup:], step, "megaforge")
     runtime.close()
     return Result("megaforge", per_step, warm, 0, losses[0], losses[-1], n_params=n_params, fpt=fpt)
 
@@ -260,9 +285,8 @@ def run_hf(cfg: RunConfig, batches, warmup: int, padded_vocab: int, activation: 
     device = pick_device(cfg.trainer.device)
     model = build_hf(cfg, padded_vocab, device, activation)
     o = cfg.optim
-    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
-                            eps=o.adam_eps, **extra)
+                            eps=o.adam_eps, fused=True)
     fn = torch.compile(model) if cfg.trainer.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.precision)
@@ -282,7 +306,7 @@ def run_hf(cfg: RunConfig, batches, warmup: int, padded_vocab: int, activation: 
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    warm, per_step, losses = timed(device, batches[:warmup], batches[warmup:], step)
+    warm, per_step, losses = timed(device, batches[:warmup], batches[warmup:], step, "Hugging Face")
     info = (f"huggingface: attention implementation {model.config._attn_implementation}, "
             f"parameters {next(model.parameters()).dtype}")
     return Result("huggingface", per_step, warm, 0, losses[0], losses[-1], info=info)
@@ -322,9 +346,10 @@ def header_lines(args, cfg: RunConfig, device: torch.device, padded_vocab: int) 
         f"device {where}; torch {torch.__version__}, transformers {transformers.__version__}",
         f"steps: {args.warmup} warm-up + {args.steps} timed per model and row; batches identical for both",
         "megaforge: Trainer.train_step (toolkit/training/trainer.py) on the run built as `megaforge train` does; "
-        "AdamW from toolkit.optim (foreach); trainer.compile → torch.compile of the model (run.py)",
+        f"AdamW from toolkit.optim (optim.implementation={cfg.optim.implementation}); "
+        "trainer.compile → torch.compile of the model (run.py)",
         f"huggingface: GPT2LMHeadModel (sdpa, {args.hf_activation}), plain loop, AdamW "
-        f"({'fused' if device.type == 'cuda' else 'foreach'}), clip_grad_norm_ {cfg.optim.clip_grad}",
+        f"(fused, as the HF Trainer's default adamw_torch_fused), clip_grad_norm_ {cfg.optim.clip_grad}",
         f"peak memory: {mem}",
     ]
 
@@ -371,6 +396,8 @@ def main() -> None:
     p.add_argument("--hf-activation", default=None,
                    help="GPT2Config.activation_function (default: GPT-2's gelu_new for gelu_tanh)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="after the timed steps, profile one more step of each model; print its top K ops")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for MFU; default: data sheet on known GPUs, measured matmul on CPU")
     args = p.parse_args()
@@ -384,6 +411,8 @@ def main() -> None:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+    global PROFILE_TOP
+    PROFILE_TOP = args.profile
 
     shm = "/dev/shm" if args.device == "cuda" and os.path.isdir("/dev/shm") else None
     with tempfile.TemporaryDirectory(prefix="mf-bench-", dir=shm) as tmp:
@@ -420,6 +449,8 @@ def main() -> None:
         print()
         for line in dict.fromkeys(notes):
             print(line)
+        for text in PROFILES:
+            print(f"\n{text}")
 
 
 if __name__ == "__main__":

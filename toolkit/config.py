@@ -100,6 +100,7 @@ class OptimConfig:
     lr_decay_style: str = "cosine"  # cosine | linear | constant
     lr_warmup_steps: int = 0  # linear warmup steps
     lr_decay_steps: Optional[int] = None  # steps to decay over; None → trainer.max_steps
+    implementation: str = "auto"  # AdamW kernels: fused | foreach | auto (fused on CPU and CUDA)
 
 
 @dataclass
@@ -219,6 +220,7 @@ CHOICES = {  # model.family is checked against the registry (built-in families a
     "tokenizer.type": ("auto", "sentencepiece", "huggingface"),
     "optim.name": ("adamw",),
     "optim.lr_decay_style": ("cosine", "linear", "constant"),
+    "optim.implementation": ("auto", "fused", "foreach"),
     "trainer.precision": ("fp32", "bf16", "fp16"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "logging.wandb.mode": ("offline", "online"),

@@ -43,6 +43,7 @@ from toolkit.checkpoint.integrity import find_damage, write_checksums
 from toolkit.checkpoint.reshard import apply_padding_fixes, prepare_padding_fixes, saved_tensor_shapes
 from toolkit.checkpoint.safe_dcp import load as load_dcp
 from toolkit.errors import CheckpointError
+from toolkit.optim import kernels_kept
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
@@ -375,8 +376,9 @@ def set_app_state(model: nn.Module | Sequence[nn.Module],
         if optimizers is not None:
             own = (get_optimizer_state_dict(part, optimizers[i], options=_OPTIM_OPTIONS).keys()
                    if len(models) > 1 else state["optim"].keys())
-            set_optimizer_state_dict(part, optimizers[i], {k: state["optim"][k] for k in own},
-                                     options=_OPTIM_OPTIONS)
+            with kernels_kept(optimizers[i]):
+                set_optimizer_state_dict(part, optimizers[i], {k: state["optim"][k] for k in own},
+                                         options=_OPTIM_OPTIONS)
 
 
 def load_model_weights(path: str | Path, model: nn.Module, *, process_group=None) -> dict:

@@ -6,7 +6,8 @@ The figures follow what megaforge allocates (measured with PyTorch's ``MemTracke
 in Large Transformer Models"), whose Megatron layer keeps ``s·b·h·(34 + 5·a·s/h)`` bytes:
 
 * parameters are fp32 masters (4 bytes), gradients fp32 (4), AdamW's two moments fp32 (8); the
-  foreach AdamW step needs one more fp32 copy of the parameters it updates (4);
+  fused AdamW step (``optim.implementation`` auto or fused) works in place, the foreach one needs
+  one more fp32 copy of the parameters it updates (4);
 * under bf16/fp16 autocast the residual stream and norm inputs stay fp32, linear inputs and outputs
   are 2-byte, and the 2-byte copies of the weights autocast makes are kept for backward;
 * attention runs in a fused kernel (flash / memory-efficient ``scaled_dot_product_attention``), so
@@ -33,7 +34,7 @@ GiB = 2**30
 MASTER_BYTES = 4  # fp32 parameter
 GRAD_BYTES = 4  # fp32 gradient
 ADAM_BYTES = 8  # exp_avg + exp_avg_sq, fp32
-ADAM_TEMP_BYTES = 4  # foreach AdamW's intermediate (one fp32 tensor per parameter)
+FOREACH_TEMP_BYTES = 4  # foreach AdamW's intermediate (one fp32 tensor per parameter); fused: none
 SUPPORTED_FAMILIES = ("gpt", "bert")
 
 
@@ -206,7 +207,7 @@ class Memory:
     activations: float  # kept for backward: layers × in-flight micro-batches, plus the loss's logits
     weight_casts: float  # 2-byte copies of the weights autocast keeps for backward (0 with recompute)
     temporary: float  # backward's peak transients: logits gradients, a recomputed layer, FSDP gathers
-    optimizer_temporary: float  # foreach AdamW's fp32 intermediate during the step
+    optimizer_temporary: float  # foreach AdamW's fp32 intermediate during the step (0 with fused)
     weights_at_rest: float  # parameters between steps (sharded)
     rank: str  # which pipeline rank is the fuller: first | last | only
     details: dict = field(default_factory=dict)  # arithmetic for --explain
@@ -256,7 +257,7 @@ def _rank_memory(cfg: RunConfig, sh: Shape, layout: Layout, name: str, *, first:
             gathered = 2 * MASTER_BYTES * layer_params(sh, t)
     grads = GRAD_BYTES * p / shard
     optimizer = ADAM_BYTES * p / shard
-    opt_temp = ADAM_TEMP_BYTES * p / shard
+    opt_temp = FOREACH_TEMP_BYTES * p / shard if cfg.optim.implementation == "foreach" else 0.0
 
     per_layer = layer_activation_bytes_per_token(sh, layout, precision)
     layers_held = in_flight_layers(sh, layout, rank=rank)

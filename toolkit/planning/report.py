@@ -60,6 +60,7 @@ def explain(cfg: RunConfig, gpu: GPU, e: Estimate, index: int) -> str:
     sh, lay, mem, t = Shape.of(cfg), e.layout, e.memory, e.timing
     d = mem.details
     c = 4 if cfg.trainer.precision == "fp32" else 2
+    step_note = "incl. foreach AdamW's 4 B × params" if mem.optimizer_temporary else "fused AdamW, in place"
     lines = [
         f"layout #{index}: {lay.label()}, sharding={lay.sharding}, sequence_parallel={lay.sp}, "
         f"recompute={lay.recompute}, micro-batch {lay.micro_batch} × {lay.num_microbatches} per step",
@@ -81,7 +82,7 @@ def explain(cfg: RunConfig, gpu: GPU, e: Estimate, index: int) -> str:
         f"token), a recomputed layer,"
         f" FSDP gathers",
         f"  peak        {_gib(mem.peak):>8} GiB  max(forward/backward {_gib(mem.forward_backward_peak)}, optimizer step "
-        f"{_gib(mem.step_peak)} incl. foreach AdamW's 4 B × params); fits: {e.fits}",
+        f"{_gib(mem.step_peak)}, {step_note}); fits: {e.fits}",
         "",
         f"time per step: {flops_per_token(sh) / 1e9:.2f} GFLOP per token (6·N + 12·L·h·s) × "
         f"{cfg.trainer.global_batch_size * sh.seq:,} tokens = {t.model_flops:.3g} FLOP",

@@ -20,12 +20,11 @@ some layers (and drops ``embed`` or ``head``/``final_norm``) keeps the same name
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from toolkit.config import ModelConfig, head_dim
 from toolkit.models.common import KVCache, RotaryEmbedding, TransformerLayer, build_norm
-from toolkit.models.common.embeddings import mask_padded_vocab, model_vocab_sizes
+from toolkit.models.common.embeddings import model_vocab_sizes, vocab_logits
 from toolkit.models.common.init import init_parameters, megatron_init_rules
 
 
@@ -111,12 +110,7 @@ class GPTModel(nn.Module):
         if self.final_norm is None:
             return h
         h = self.final_norm(h)
-        logits = F.linear(h, self.output_weight())  # [b, s, padded_vocab]
-        return self.mask_padded_vocab(logits)
-
-    def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """Set the logits of padding ids to -inf so no loss or sample ever sees them."""
-        return mask_padded_vocab(logits, self.vocab_size)
+        return vocab_logits(h, self.output_weight(), self.vocab_size)  # [b, s, padded_vocab]
 
     def new_caches(self, batch: int, max_len: int, *, device, dtype) -> list[KVCache]:
         kv = self.cfg.num_query_groups or self.cfg.num_attention_heads

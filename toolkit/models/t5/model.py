@@ -51,12 +51,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from toolkit.config import ModelConfig, ffn_size, head_dim
 from toolkit.models.common import MLP, Attention, KVCache
-from toolkit.models.common.embeddings import mask_padded_vocab, model_vocab_sizes
+from toolkit.models.common.embeddings import model_vocab_sizes, vocab_logits
 from toolkit.models.common.init import ONES, ZEROS, ParamInit, init_parameters, normal
 from toolkit.models.t5.generation import generate_seq2seq
 from toolkit.models.t5.position_bias import RelativePositionBias
@@ -247,8 +246,7 @@ class T5Model(nn.Module):
                          start_pos=start_pos, caches=caches)
         if self.tied:
             h = h * self.cfg.hidden_size ** -0.5  # v1.0: rescale before the tied projection (Mesh TF)
-        logits = F.linear(h, self.output_weight())  # [b, s_dec, padded_vocab]
-        return self.mask_padded_vocab(logits)
+        return vocab_logits(h, self.output_weight(), self.vocab_size)  # [b, s_dec, padded_vocab]
 
     def forward(self, encoder_tokens: torch.Tensor, decoder_input_tokens: torch.Tensor,
                 encoder_padding_mask: torch.Tensor | None = None,
@@ -260,10 +258,6 @@ class T5Model(nn.Module):
 
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.tied else self.head.weight
-
-    def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """Set the logits of padding ids to -inf so no loss or sample ever sees them."""
-        return mask_padded_vocab(logits, self.vocab_size)
 
     # ---- generation and bookkeeping -------------------------------------------------------
     def new_caches(self, batch: int, max_len: int, encoder_length: int, *, device, dtype) -> T5Caches:

@@ -1,0 +1,31 @@
+"""The throughput benchmark runs end to end on a tiny shape (it drives the trainer's real step, so a
+change to ``Trainer.train_step`` that breaks it shows up here, not on a rented GPU)."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "gpt_throughput.py"
+
+
+def test_gpt_throughput_prints_both_models_a_ratio_and_profiles(monkeypatch, capsys):
+    argv = [str(BENCH), "--recipe", "gpt-tiny", "--layers", "2", "--hidden", "64", "--heads", "4", "--vocab", "250",
+            "--seq", "32", "--micro-batch", "2", "--steps", "1", "--precisions", "fp32", "--threads", "1",
+            "--profile", "3"]
+    monkeypatch.setattr(sys, "argv", argv)
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(BENCH), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)  # --threads 1 must not slow the rest of the session
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| cpu | fp32 | eager |")]
+    assert len(rows) == 3, out
+    assert "failed" not in out, out
+    assert "Hugging Face `GPT2LMHeadModel`" in rows[0] and "megaforge `Trainer.train_step`" in rows[1]
+    assert "×**" in rows[2]  # the ratio
+    assert out.count("profile of one") == 2 and "aten::" in out
