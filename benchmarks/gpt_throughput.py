@@ -52,7 +52,7 @@ from toolkit.optim import build_optimizer, param_groups
 from toolkit.parallel.runtime import setup as setup_runtime
 from toolkit.registry import get_spec
 from toolkit.training.metrics import flops_per_token, peak_flops
-from toolkit.training.run import _compiled_objective, build_model_parts, pick_device, setup_tokenizer
+from toolkit.training.run import _compiled_objective, build_model_parts, compile_layers, pick_device, setup_tokenizer
 from toolkit.training.trainer import PartOptimizers, Trainer
 
 GIB = 1024**3
@@ -72,6 +72,7 @@ def run_config(args, precision: str, compiled: bool, run_dir: str) -> RunConfig:
             f"model.hidden_dropout={args.dropout}", f"model.attention_dropout={args.dropout}"]
     if args.peak_tflops:
         over.append(f"logging.peak_tflops={args.peak_tflops}")
+    over += args.set  # megaforge-only settings, e.g. model.fused_cross_entropy=true
     for flag, key in (("layers", "num_layers"), ("hidden", "hidden_size"), ("heads", "num_attention_heads"),
                       ("vocab", "vocab_size"), ("seq", "seq_length")):
         if getattr(args, flag) is not None:
@@ -242,7 +243,9 @@ def run_megaforge(cfg: RunConfig, batches, warmup: int, run_dir: str) -> Result:
     parts, pipeline, n_params = build_model_parts(cfg, runtime)
     optimizers = PartOptimizers([build_optimizer(part, cfg.optim) for part in parts])
     objective = spec.objective
-    if cfg.trainer.compile:  # the trainer.compile path of `megaforge train`
+    if cfg.trainer.compile and cfg.trainer.compile_scope == "layers":  # the paths of `megaforge train`
+        compile_layers(parts)
+    elif cfg.trainer.compile:
         objective = _compiled_objective(objective, torch.compile(parts[0]))
     fpt = flops_per_token(cfg.model, n_params)
     trainer = Trainer(cfg=cfg, model_parts=parts, optimizers=optimizers, objective=objective, train_dataset=None,
@@ -347,7 +350,8 @@ def header_lines(args, cfg: RunConfig, device: torch.device, padded_vocab: int) 
         f"steps: {args.warmup} warm-up + {args.steps} timed per model and row; batches identical for both",
         "megaforge: Trainer.train_step (toolkit/training/trainer.py) on the run built as `megaforge train` does; "
         f"AdamW from toolkit.optim (optim.implementation={cfg.optim.implementation}); "
-        "trainer.compile → torch.compile of the model (run.py)",
+        "trainer.compile → torch.compile of the model (run.py)"
+        + (f"; overrides: {' '.join(args.set)}" if args.set else ""),
         f"huggingface: GPT2LMHeadModel (sdpa, {args.hf_activation}), plain loop, AdamW "
         f"(fused, as the HF Trainer's default adamw_torch_fused), clip_grad_norm_ {cfg.optim.clip_grad}",
         f"peak memory: {mem}",
@@ -396,6 +400,8 @@ def main() -> None:
     p.add_argument("--hf-activation", default=None,
                    help="GPT2Config.activation_function (default: GPT-2's gelu_new for gelu_tanh)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a megaforge config override for its run (repeatable), e.g. model.fused_cross_entropy=true")
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="after the timed steps, profile one more step of each model; print its top K ops")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -440,9 +446,10 @@ def main() -> None:
                     with torch.device("meta"):
                         n = get_spec(cfg.model.family).build(cfg.model).num_parameters(exclude_positions=True)
                     fpt = flops_per_token(cfg.model, n)
+                label = mode + "".join(f" + {o}" for o in args.set)  # the megaforge overrides, if any
                 for r in (hf, ours):
-                    print(row(args.device, precision, mode, shape, r, tokens, fpt, peak), flush=True)
-                print(ratio_row(args.device, precision, mode, shape, hf, ours), flush=True)
+                    print(row(args.device, precision, label, shape, r, tokens, fpt, peak), flush=True)
+                print(ratio_row(args.device, precision, label, shape, hf, ours), flush=True)
                 notes += [r.info for r in (hf, ours) if r.info]
                 notes.append(f"{mode} {precision}: MFU against {peak / 1e12:.3g} TFLOP/s; "
                              f"N = {n:,} parameters without positions, {fpt / 1e9:.3f} GFLOP/token")

@@ -6,9 +6,11 @@
 #     bash benchmarks/gpu_check.sh            # prints everything, the tables included, to stdout
 #
 # Rows, each one process with its own time limit (a hang or a crash costs that row only):
-#   1. bf16 eager, micro-batch 4
-#   2. bf16 compiled (torch.compile of both models), micro-batch 4
-#   3. bf16 compiled, micro-batch 8, only if the time left is more than row 2 took (plus a margin)
+#   1. bf16 eager, micro-batch 4, then one more step of each model under torch.profiler (top ops)
+#   2. bf16 eager, micro-batch 4, megaforge with model.fused_cross_entropy=true
+#   3. bf16 compiled, micro-batch 8, megaforge with trainer.compile_scope=layers and the fused loss
+#   4. bf16 compiled (torch.compile of both whole models), micro-batch 8, only if the time left is
+#      more than row 3 took (plus a margin)
 # each with WARMUP untimed + STEPS timed steps per model. At the end the rows of all runs are printed
 # again as one markdown table (for docs/performance.md).
 #
@@ -99,12 +101,14 @@ run_row() {
 }
 
 LAST_S=0
-run_row "bf16 eager, micro-batch 4" 100 45 --micro-batch 4
-run_row "bf16 compiled, micro-batch 4" 260 120 --micro-batch 4 --compile
-# micro-batch 8 compiles again (new shapes): start it only with the time the compiled row above took, and some
+run_row "bf16 eager, micro-batch 4, profiled" 100 45 --micro-batch 4 --profile 25
+run_row "bf16 eager, micro-batch 4, fused loss" 90 45 --micro-batch 4 --set model.fused_cross_entropy=true
+run_row "bf16 compiled per layer, micro-batch 8, fused loss" 200 120 --micro-batch 8 --compile \
+    --set trainer.compile_scope=layers --set model.fused_cross_entropy=true
+# the whole-model compile of both: start it only with the time the compiled row above took, and some
 need=$((LAST_S + 20))
-[ "$need" -lt 150 ] && need=150
-run_row "bf16 compiled, micro-batch 8" 260 "$need" --micro-batch 8 --compile
+[ "$need" -lt 120 ] && need=120
+run_row "bf16 compiled, micro-batch 8" 200 "$need" --micro-batch 8 --compile
 
 echo
 echo "== all rows ($((SECONDS - START))s in all)"

@@ -43,6 +43,7 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128  # pad the vocabulary to a multiple of this (× tp)
     vocab_size: Optional[int] = None  # true vocabulary size; None → from the tokenizer
     recompute_granularity: str = "none"  # activation recompute: none | selective | full
+    fused_cross_entropy: bool = False  # GPT: output layer + loss over token chunks, logits never whole (less memory)
     # BERT family
     num_tokentypes: int = 2  # token-type (segment) vocabulary; 0 disables token-type embeddings
     bert_binary_head: bool = True  # sentence-pair head (NSP / sentence order)
@@ -117,6 +118,7 @@ class TrainerConfig:
     deterministic: bool = False  # force deterministic kernels (torch.use_deterministic_algorithms)
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model
+    compile_scope: str = "model"  # with compile: model (one graph) | layers (each transformer layer, torchtitan's way)
     run_dir: Optional[str] = None  # run directory; None → runs/<recipe>
     log_interval: int = 1  # steps between metrics lines
     eval_interval: int = 50  # steps between validation passes; 0 disables
@@ -223,6 +225,7 @@ CHOICES = {  # model.family is checked against the registry (built-in families a
     "optim.implementation": ("auto", "fused", "foreach"),
     "trainer.precision": ("fp32", "bf16", "fp16"),
     "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.compile_scope": ("model", "layers"),
     "logging.wandb.mode": ("offline", "online"),
     "peft.method": ("none", "lora"),
     "task.type": ("none", "token_classification", "sequence_classification", "regression", "sft", "seq2seq"),

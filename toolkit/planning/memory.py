@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from toolkit.config import RunConfig, ffn_size, head_dim, padded_vocab_size
 from toolkit.errors import ConfigError
+from toolkit.models.common.fused_loss import CHUNK_ELEMENTS
 from toolkit.planning.layout import Layout
 
 GiB = 2**30
@@ -270,16 +271,25 @@ def _rank_memory(cfg: RunConfig, sh: Shape, layout: Layout, name: str, *, first:
         # backward; the last rank's last chunk outputs the loss instead
         chunks_held = layers_held * layout.pp * layout.vpp / sh.layers
         acts += 4 * sh.hidden * tokens / norm_div * max(chunks_held - (1 if last else 0), 0)
-    if last:  # final norm input (+ RMSNorm's normalized copy), the head's input, the fp32 log-softmax
+    # model.fused_cross_entropy (one process per stage of the vocabulary: no tp, no pipeline split)
+    fused_ce = cfg.model.fused_cross_entropy and sh.family == "gpt" and t == 1 and layout.pp == 1
+    chunk = min(tokens, max(1, CHUNK_ELEMENTS // sh.padded_vocab(t)))  # tokens per fused chunk
+    if last and fused_ce:  # final norm input (+ RMSNorm's copy); the fused loss keeps the gradients it made:
+        # the hidden states' (fp32) and the output weight's (fp32 [vocab, hidden])
+        acts += tokens * (4 * sh.hidden * (2 if sh.rms else 1) + 4 * sh.hidden) + 4 * vocab_local * sh.hidden
+    elif last:  # final norm input (+ RMSNorm's normalized copy), the head's input, the fp32 log-softmax
         acts += tokens * (4 * sh.hidden * (2 if sh.rms else 1) / norm_div + c * sh.hidden + 4 * vocab_local)
         if sh.family == "bert":  # MLM transform: dense input and output, GELU output, its norm's fp32 input
             acts += tokens * sh.hidden * (4 * c + (4 if c == 2 else 0))
     casts = 0.0
     if precision != "fp32":  # recomputed layers cast their weights again in backward; the head is not recomputed
         casts = c * ((params.layers * layer_matrix_params(sh, t) if layout.recompute == "none" else 0)
-                     + params.head_matrix)
+                     + (0 if fused_ce else params.head_matrix))  # the fused loss drops its cast after forward
     temp = 0.0
-    if last:  # gradients of the logits (fp32 and compute dtype); the vocabulary-parallel cross-entropy
+    if last and fused_ce:  # while the loss runs: the weight's cast and its gradient's per-chunk product
+        # (compute dtype + fp32), one chunk's logits (compute dtype, fp32) and their gradient (compute dtype)
+        temp += (2 * c + 4) * vocab_local * sh.hidden + (4 + 2 * c) * chunk * vocab_local
+    elif last:  # gradients of the logits (fp32 and compute dtype); the vocabulary-parallel cross-entropy
         # backward (loss_parallel, tp > 1) holds two more fp32 buffers (one-hot mask, exp) at once
         temp += (12 if t > 1 else 8) * vocab_local * tokens
     # FSDP gathers layers only once the logits' gradients are freed (measured): the larger of the two

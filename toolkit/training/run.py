@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from toolkit.config import RunConfig, save_config, validate
 from toolkit.convert.init_from import adopt_source_config, adopt_source_task, resolve_init_from, source_config
@@ -199,7 +200,9 @@ def _train(cfg: RunConfig, runtime: ParallelRuntime, *, fresh_head: bool = False
     parts, pipeline, n_params = build_model_parts(cfg, runtime)
     optimizers = PartOptimizers([build_optimizer(part, cfg.optim) for part in parts])
     objective = spec.task_objectives[cfg.task.type] if task else spec.objective
-    if t.compile:  # the trainer keeps the plain module: checkpoints and clipping see single-device names
+    if t.compile and t.compile_scope == "layers":
+        compile_layers(parts)
+    elif t.compile:  # the trainer keeps the plain module: checkpoints and clipping see single-device names
         objective = _compiled_objective(objective, torch.compile(parts[0]))
     trainer = Trainer(cfg=cfg, model_parts=parts, optimizers=optimizers, objective=objective,
                       train_dataset=train_ds, valid_dataset=valid_ds, runtime=runtime, run_dir=run_dir,
@@ -229,6 +232,21 @@ def _train(cfg: RunConfig, runtime: ParallelRuntime, *, fresh_head: bool = False
         if runtime.is_logging_rank:
             logger.info(f"\nsample> {t.sample_prompt}{text}\n")
     return result
+
+
+def compile_layers(parts: list[nn.Module]) -> int:
+    """``trainer.compile_scope=layers``: compile each transformer layer in place (``nn.Module.compile``:
+    the module, its parameter names and any FSDP2/TP wrapping stay as they are); layers of one shape
+    reuse one compiled graph, so compile time does not grow with depth. Returns how many were compiled."""
+    layers = [layer for part in parts for stack in _layer_stacks(part) for layer in stack.values()]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def _layer_stacks(part: nn.Module) -> list[nn.ModuleDict]:
+    """The ``ModuleDict``s of transformer layers in a model part (``layers``; T5: its encoder's and decoder's)."""
+    return [m.layers for m in part.modules() if isinstance(getattr(m, "layers", None), nn.ModuleDict)]
 
 
 def _compiled_objective(objective, compiled_model):

@@ -25,7 +25,9 @@ from torch import nn
 from toolkit.config import ModelConfig, head_dim
 from toolkit.models.common import KVCache, RotaryEmbedding, TransformerLayer, build_norm
 from toolkit.models.common.embeddings import model_vocab_sizes, vocab_logits
+from toolkit.models.common.fused_loss import linear_cross_entropy
 from toolkit.models.common.init import init_parameters, megatron_init_rules
+from toolkit.models.common.loss import lm_cross_entropy
 
 
 class GPTEmbedding(nn.Module):
@@ -72,6 +74,11 @@ class GPTModel(nn.Module):
         parallel layout starts identical); recomputes non-persistent buffers."""
         init_parameters(self, self.init_rules(), seed)
 
+    @property
+    def fuses_loss(self) -> bool:
+        """``model.fused_cross_entropy``: the objectives pass ``labels`` to :meth:`forward` for the loss."""
+        return self.cfg.fused_cross_entropy
+
     def output_weight(self) -> torch.Tensor:
         return self.embed.tokens.weight if self.tied else self.head.weight
 
@@ -85,8 +92,10 @@ class GPTModel(nn.Module):
         segments: torch.Tensor | None = None,  # [b, s] sample id per token: attention stays inside a sample
         attn_mask: torch.Tensor | None = None,  # [b, 1, s, past + s] bool, True = attend: replaces the causal
                                                 #   mask (left-padded batched generation with caches)
+        labels: torch.Tensor | None = None,  # [b, s] target ids (-100 ignored): return the mean loss instead
     ) -> torch.Tensor:
-        """Logits ``[b, s, padded_vocab]`` (padded columns are -inf), or hidden states on a non-final stage.
+        """Logits ``[b, s, padded_vocab]`` (padded columns are -inf), or hidden states on a non-final stage;
+        with ``labels``, the mean token cross-entropy against them (:meth:`loss`).
 
         With ``segments`` (packed sequences) a token attends only to earlier tokens of its own sample,
         and ``positions`` restart per sample, so each sample sees exactly what it would alone."""
@@ -110,7 +119,18 @@ class GPTModel(nn.Module):
         if self.final_norm is None:
             return h
         h = self.final_norm(h)
+        if labels is not None:
+            return self.loss(h, labels)
         return vocab_logits(h, self.output_weight(), self.vocab_size)  # [b, s, padded_vocab]
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the output layer on final hidden states ``h`` [b, s, hidden] against
+        ``labels`` [b, s]: fused over token chunks with ``model.fused_cross_entropy`` (not under tensor
+        parallelism, whose vocab-parallel logits go through ``loss_parallel``), else through the logits."""
+        weight = self.output_weight()
+        if self.cfg.fused_cross_entropy and not hasattr(weight, "device_mesh"):
+            return linear_cross_entropy(h, weight, labels, self.vocab_size)
+        return lm_cross_entropy(vocab_logits(h, weight, self.vocab_size), labels)
 
     def new_caches(self, batch: int, max_len: int, *, device, dtype) -> list[KVCache]:
         kv = self.cfg.num_query_groups or self.cfg.num_attention_heads
