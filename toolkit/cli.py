@@ -139,10 +139,14 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_preprocess(args) -> int:
-    from toolkit.data.preprocess import preprocess
+    from toolkit.data.preprocess import preprocess, set_tokenizer_threads
 
+    if args.workers is not None:
+        if args.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+        set_tokenizer_threads(args.workers)  # Hugging Face tokenizers: N threads in this process
     stats = preprocess(args.input, args.output_prefix, args.tokenizer, json_key=args.json_key, fmt=args.format,
-                       workers=args.workers, output_format=args.output_format)
+                       workers=args.workers or 1, output_format=args.output_format)
     print(f"wrote {args.output_prefix}.bin/.idx ({stats['format']} format): {stats['documents']} documents, "
           f"{stats['tokens']} tokens in {stats['seconds']:.1f}s")
     return 0
@@ -321,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="auto",
                    help="input format: auto, jsonl, text, parquet, hf_datasets (a save_to_disk folder), mimic3 "
                         "(NOTEEVENTS.csv) or mimic4 (note CSVs)")
-    s.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default 1)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="CPU cores to tokenize on: threads of a Hugging Face tokenizer (default: all cores), "
+                        "else worker processes (default 1); the output is the same for any N")
     s.add_argument("--output-format", default="megaforge", choices=["megaforge", "megatron"],
                    help="index format: megaforge (default) or megatron (Megatron-LM/NeMo/GPT-NeoX MMIDIDX .bin/.idx)")
     s.set_defaults(func=_cmd_preprocess)

@@ -1,23 +1,42 @@
 """Tokenize jsonl/text corpora into an indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``).
 
-Documents stream from the readers in :mod:`toolkit.data.readers`, are tokenized in batches
-(in-process with ``workers=1``, else in a ``multiprocessing`` pool whose workers each load the
-tokenizer once), and are written in input order by :class:`IndexedDatasetWriter` as results arrive.
-At most ``workers × 4`` batches are in flight, so memory stays flat however large the corpus; the
-output bytes do not depend on ``workers``.
+Documents stream from the readers in :mod:`toolkit.data.readers`, are tokenized in batches and are
+written in input order by :class:`IndexedDatasetWriter` as results arrive. Two ways to tokenize:
+
+* **Thread-parallel tokenizers** (``Tokenizer.threaded_batch``: Hugging Face ``tokenizers``, whose
+  ``encode_batch`` runs on its own Rust thread pool of ``RAYON_NUM_THREADS`` threads, and
+  SentencePiece, whose batch ``encode`` runs on its own C++ threads, both with the GIL released):
+  one process. A background thread tokenizes batch *k+1* while this thread parses batch *k+2*, packs
+  the ids of batch *k* into arrays and writes them, so reading, JSON parsing, packing and writing
+  hide behind tokenizing. ``workers`` starts no processes here (a pool of N processes each running N
+  threads would oversubscribe the cores); ``megaforge preprocess --workers N`` sets
+  ``RAYON_NUM_THREADS=N`` before the first batch (:func:`set_tokenizer_threads`).
+* **Other tokenizers** (custom Python ones): in this process with ``workers=1``, else in a
+  ``multiprocessing`` pool whose workers each load the tokenizer once.
+
+Memory is flat in corpus size: at most :data:`THREAD_WINDOW` batches (thread-parallel tokenizers) or
+``workers ×`` :data:`IN_FLIGHT_PER_WORKER` batches (pool) are in flight — parsed but not yet
+written — plus the one being written; a batch holds at most :data:`THREADED_BATCH_DOCUMENTS`
+(threads) or :data:`BATCH_DOCUMENTS` (pool) documents and :data:`BATCH_CHARS` characters (a longer
+document is a batch of its own), so with the shipped tokenizers the peak RSS grows by ~70 MiB
+whatever the corpus size; beyond that only the index's 4 bytes per document grow. The output
+bytes do not depend on ``workers`` or the batch sizes.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import shutil
 import tempfile
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -29,8 +48,21 @@ from toolkit.tokenization.base import Tokenizer
 
 log = logging.getLogger(__name__)
 
-BATCH_DOCUMENTS = 64  # documents per task sent to a worker
-IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory
+BATCH_DOCUMENTS = 64  # documents per batch sent to a pool worker
+THREADED_BATCH_DOCUMENTS = 1024  # documents per batch of a thread-parallel tokenizer (more: better balanced threads)
+BATCH_CHARS = 1 << 20  # characters per batch at most (a longer document is a batch of its own): bounds memory
+IN_FLIGHT_PER_WORKER = 4  # batches queued per pool worker: bounds memory
+THREAD_WINDOW = 2  # batches in flight with a thread-parallel tokenizer: one tokenizing, one parsed ahead
+
+
+def set_tokenizer_threads(threads: int) -> None:
+    """Have thread-parallel tokenizers (Hugging Face ``tokenizers``) tokenize on ``threads`` threads.
+
+    Sets ``RAYON_NUM_THREADS``, which the library reads once, when it first tokenizes a batch in
+    parallel: call this before (``megaforge preprocess --workers N`` does). Without it the library
+    uses one thread per core.
+    """
+    os.environ["RAYON_NUM_THREADS"] = str(max(1, int(threads)))
 
 
 def _load(spec: Tokenizer | str | Path) -> Tokenizer:
@@ -51,16 +83,17 @@ class _Encoder:
         self.lo, self.hi = info.min, info.max
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        flat: list[int] = []
-        lengths = np.zeros(len(texts), dtype=np.int64)  # int64 [batch]
-        for k, ids in enumerate(self.tokenizer.encode_batch(texts)):
-            if not len(ids):
-                continue  # empty after tokenization: skipped by the caller
-            flat.extend(ids)
-            if self.eod is not None:
-                flat.append(self.eod)
-            lengths[k] = len(ids) + (self.eod is not None)
-        tokens = np.asarray(flat, dtype=np.int64)  # int64 [sum(lengths)]
+        return self.pack(self.tokenizer.encode_batch(texts))
+
+    def pack(self, ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of a batch's documents as ``(tokens, lengths)``."""
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))  # int64 [batch]
+        if self.eod is not None:
+            lengths[lengths > 0] += 1  # an empty document stays empty (skipped by the caller); no EOD
+            eod = [self.eod]
+            ids = itertools.chain.from_iterable((x, eod) if len(x) else (x,) for x in ids)
+        # one pass over the ids straight into an array: no intermediate Python list of all tokens
+        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
         if tokens.size and (int(tokens.min()) < self.lo or int(tokens.max()) > self.hi):
             bad = int(tokens.max()) if int(tokens.max()) > self.hi else int(tokens.min())
             raise TokenizerError(f"token id {bad} does not fit the output dtype {self.dtype}; "
@@ -81,33 +114,42 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return _worker_encoder(texts)
 
 
-def _batched(docs: Iterable[str], size: int, skipped: list[int]) -> Iterator[list[str]]:
+def _batched(docs: Iterable[str], size: int, skipped: list[int], chars: int) -> Iterator[list[str]]:
+    """Non-blank documents in lists of at most ``size`` documents and (but for a longer document,
+    alone in its list) ``chars`` characters; blank ones are counted in ``skipped[0]``."""
     batch: list[str] = []
+    held = 0
     for text in docs:
         if not text.strip():
             skipped[0] += 1
             continue
+        if batch and held + len(text) > chars:
+            yield batch
+            batch, held = [], 0
         batch.append(text)
+        held += len(text)
         if len(batch) == size:
             yield batch
-            batch = []
+            batch, held = [], 0
     if batch:
         yield batch
 
 
-def _ordered_map(pool, fn: Callable, items: Iterable, window: int) -> Iterator[Any]:
-    """Like ``pool.imap`` (results in input order) but never more than ``window`` tasks pending.
+def _ordered_map(submit: Callable[[Callable, Any], Callable[[], Any]], fn: Callable, items: Iterable,
+                 window: int) -> Iterator[Any]:
+    """``fn(item)`` for each item, in input order, computed by ``submit(fn, item)`` (which starts the
+    work and returns a function that waits for its result), never more than ``window`` pending.
 
-    ``Pool.imap`` drains its input iterator eagerly in a feeder thread, which would read the whole
-    corpus into memory when tokenizing is slower than reading; this keeps memory bounded.
+    Unlike ``Pool.imap``, whose feeder thread drains its input eagerly (the whole corpus in memory
+    when tokenizing is slower than reading), this reads an item only when a slot is free.
     """
     pending: deque = deque()
     for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
+        pending.append(submit(fn, item))
         if len(pending) >= window:
-            yield pending.popleft().get()
+            yield pending.popleft()()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft()()
 
 
 def _worker_spec(tokenizer: Tokenizer | str | Path, tmp: list) -> Tokenizer | str:
@@ -153,7 +195,9 @@ def preprocess(
         tokenizer: a :class:`Tokenizer`, or a path/name for ``toolkit.tokenization.load_tokenizer``.
         json_key: the field holding the text in jsonl records.
         fmt: "auto" (by file extension) or a key of :data:`toolkit.data.readers.READERS`.
-        workers: tokenizer processes; 1 tokenizes in this process.
+        workers: tokenizer processes for tokenizers that are not thread-parallel; 1 tokenizes in this
+            process. A thread-parallel tokenizer (``threaded_batch``) always tokenizes in this process,
+            on ``RAYON_NUM_THREADS`` threads (see :func:`set_tokenizer_threads`).
         append_eod: append ``tokenizer.eod_id`` after every document.
         progress: show a tqdm bar (documents/s and tokens).
         mp_context: multiprocessing start method for the pool.
@@ -182,21 +226,30 @@ def preprocess(
     dtype = best_dtype(tok.vocab_size)
     skipped = [0]
     docs = iter_documents(list(inputs), fmt=fmt, json_key=json_key)
-    batches = _batched(docs, BATCH_DOCUMENTS, skipped)
+    threaded = bool(getattr(tok, "threaded_batch", False))
+    batches = _batched(docs, THREADED_BATCH_DOCUMENTS if threaded else BATCH_DOCUMENTS, skipped, BATCH_CHARS)
     tmp: list[str] = []
     pool = None
+    thread = None
     if output_format not in WRITERS:
         raise DataError(f"output format {output_format!r} is not one of {', '.join(WRITERS)}")
     writer = WRITERS[output_format](output_prefix, dtype, vocab_size=tok.vocab_size)
     bar = tqdm(desc=f"preprocess {Path(output_prefix).name}", unit="doc", unit_scale=True, disable=not progress)
     try:
-        if workers <= 1:
+        results: Iterator[tuple[np.ndarray, np.ndarray]]
+        if threaded:  # tokenize on a background thread (the library's threads) while this one reads, packs, writes
+            thread = ThreadPoolExecutor(1, thread_name_prefix="megaforge-tokenize")
             encoder = _Encoder(tok, eod, dtype)
-            results: Iterator[tuple[np.ndarray, np.ndarray]] = (encoder(b) for b in batches)
+            ids = _ordered_map(lambda fn, b: thread.submit(fn, b).result, tok.encode_batch, batches, THREAD_WINDOW)
+            results = map(encoder.pack, ids)
+        elif workers <= 1:
+            encoder = _Encoder(tok, eod, dtype)
+            results = (encoder(b) for b in batches)
         else:
             spec = _worker_spec(tokenizer, tmp)
             pool = mp.get_context(mp_context).Pool(workers, initializer=_init_worker, initargs=(spec, eod, dtype.str))
-            results = _ordered_map(pool, _encode_in_worker, batches, workers * IN_FLIGHT_PER_WORKER)
+            results = _ordered_map(lambda fn, b: pool.apply_async(fn, (b,)).get, _encode_in_worker, batches,
+                                   workers * IN_FLIGHT_PER_WORKER)
         for tokens, lengths in results:
             nonempty = lengths > 0
             skipped[0] += int(lengths.size - nonempty.sum())
@@ -211,6 +264,8 @@ def preprocess(
         raise
     finally:
         bar.close()
+        if thread is not None:
+            thread.shutdown(wait=True, cancel_futures=True)  # waits for the batch being tokenized, if any
         if pool is not None:
             pool.close()
             pool.join()

@@ -47,6 +47,10 @@ class Tokenizer(ABC):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    #: whether :meth:`encode_batch` tokenizes on threads of its own and releases the GIL meanwhile
+    #: (preprocessing then overlaps it with reading in one process instead of starting a process pool)
+    threaded_batch: bool = False
+
     #: where the tokenizer was loaded from (a file or folder), if anywhere
     path: Path | None = None
 

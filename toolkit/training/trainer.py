@@ -36,6 +36,7 @@ from toolkit.errors import TrainingDiverged
 from toolkit.optim import lr_at, set_lr
 from toolkit.parallel.pipeline import Pipeline
 from toolkit.parallel.runtime import ParallelRuntime
+from toolkit.training.batch_wait import TimedBatches
 from toolkit.training.loggers import MetricsFile, TensorBoardLogger, WandbLogger, plot_losses
 from toolkit.training.metrics import peak_flops
 from toolkit.training.precision import Precision
@@ -132,6 +133,7 @@ class Trainer:
         self.finetuning = cfg.task.type != "none"  # a task head on a pretrained encoder
         self.best: float | None = None  # best value of metric_for_best so far
         self.fresh_head = fresh_head
+        self.data_workers = cfg.data.num_workers  # loader processes for the training batches
         self.skipped_in_a_row = 0  # consecutive steps skipped for a non-finite loss or gradient norm
         self.skipped_total = 0
         self.signal_received: str | None = None  # set by the SIGTERM / trainer.exit_signal handler
@@ -239,7 +241,12 @@ class Trainer:
             total_samples=total, consumed_samples=consumed, micro_batch_size=self.cfg.micro_batch_size,
             data_parallel_rank=self.dp_rank, data_parallel_size=self.dp_size,
         )
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=0, pin_memory=self.device.type == "cuda")
+        # data.num_workers loader processes for training (each sample is a pure function of its index, so the
+        # batches are the same with any number); evaluation, one short pass, loads in this process
+        workers = self.data_workers if dataset is self.train_dataset else 0
+        extra = dict(prefetch_factor=2, persistent_workers=True) if workers > 0 else {}
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
+                          **extra)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -398,7 +405,10 @@ class Trainer:
         self.resume()
         cfg = self.cfg
         total_samples = cfg.max_steps * cfg.global_batch_size
-        batches = iter(self._loader(self.train_dataset, self.state.consumed_samples, total_samples))
+        # batches come copied to the device; the time the step waits for them is logged as data_wait_s
+        batches = TimedBatches(self._loader(self.train_dataset, self.state.consumed_samples, total_samples),
+                               self._to_device)
+        interval_wait = interval_time = 0.0  # data wait and step time since the last metrics record
         metrics = MetricsFile(self.run_dir, self.state.step) if self.is_logging_rank else None
         tensorboard = (TensorBoardLogger(self.log_cfg, self.run_dir, self.state.step)
                        if self.is_logging_rank and self.log_cfg.tensorboard.enabled else None)
@@ -415,8 +425,11 @@ class Trainer:
         while self.state.step < cfg.max_steps:
             self.runtime.fault_hook(self.state.step, parts=self.model_parts)
             start = time.perf_counter()
+            waited = batches.seconds
             loss, grad_norm, skipped = self.train_step(batches)
             elapsed = time.perf_counter() - start
+            interval_wait += batches.seconds - waited
+            interval_time += elapsed
             lr = lr_at(self.state.step, self.optim_cfg, cfg.max_steps)
             self.state.step += 1
             self.state.consumed_samples += cfg.global_batch_size
@@ -425,7 +438,8 @@ class Trainer:
             mfu = self.flops_per_token * tps / (peak * world)
             record: dict[str, Any] = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                       "tokens_per_sec": tps, "mfu": mfu, "step_time": elapsed,
-                                      "consumed_samples": self.state.consumed_samples}
+                                      "consumed_samples": self.state.consumed_samples,
+                                      "data_wait_s": interval_wait, "data_wait_frac": interval_wait / interval_time}
             if self.precision.scaler.is_enabled():
                 record["loss_scale"] = float(self.precision.scaler.get_scale())
             self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
@@ -443,6 +457,8 @@ class Trainer:
                     result.val_loss = val
                 if self.evaluator is not None:
                     self._validate_task(record)
+            if self.state.step % cfg.log_interval == 0 or last or "val_loss" in record:
+                interval_wait = interval_time = 0.0  # the next record covers the steps after this one
             if self.is_logging_rank and (self.state.step % cfg.log_interval == 0 or last or "val_loss" in record):
                 metrics.log(record)
                 if wandb:
