@@ -235,9 +235,9 @@ def timed(device, warmup_batches, timed_batches, step, label: str = "") -> tuple
 PROFILES: list[str] = []  # the profile tables of this run, printed at the end
 
 
-def run_megaforge(cfg: RunConfig, batches, warmup: int, run_dir: str) -> Result:
-    """Build the run as ``toolkit.training.run._train`` does (one process: a world of size 1) and time
-    ``Trainer.train_step``."""
+def megaforge_step(cfg: RunConfig, run_dir: str):
+    """Build the run as ``toolkit.training.run._train`` does (one process: a world of size 1): (step
+    function running ``Trainer.train_step``, runtime, parameters without positions, FLOPs per token)."""
     spec = get_spec(cfg.model.family)
     runtime = setup_runtime(cfg, pick_device(cfg.trainer.device))
     parts, pipeline, n_params = build_model_parts(cfg, runtime)
@@ -261,6 +261,12 @@ def run_megaforge(cfg: RunConfig, batches, warmup: int, run_dir: str) -> Result:
         trainer.state.consumed_samples += cfg.trainer.global_batch_size
         return loss
 
+    return step, runtime, n_params, fpt
+
+
+def run_megaforge(cfg: RunConfig, batches, warmup: int, run_dir: str) -> Result:
+    """Time ``Trainer.train_step`` of the run built as ``megaforge train`` builds it."""
+    step, runtime, n_params, fpt = megaforge_step(cfg, run_dir)
     warm, per_step, losses = timed(runtime.device, batches[:warmup], batches[warmup:], step, "megaforge")
     runtime.close()
     return Result("megaforge", per_step, warm, 0, losses[0], losses[-1], n_params=n_params, fpt=fpt)
@@ -283,8 +289,9 @@ def build_hf(cfg: RunConfig, padded_vocab: int, device: torch.device, activation
     return model.float().train()
 
 
-def run_hf(cfg: RunConfig, batches, warmup: int, padded_vocab: int, activation: str) -> Result:
-    """A plain Hugging Face training loop with the trainer's optimizer settings and precision."""
+def hf_step(cfg: RunConfig, padded_vocab: int, activation: str):
+    """A plain Hugging Face training step with the trainer's optimizer settings and precision: (step
+    function, a note on the model)."""
     device = pick_device(cfg.trainer.device)
     model = build_hf(cfg, padded_vocab, device, activation)
     o = cfg.optim
@@ -309,10 +316,48 @@ def run_hf(cfg: RunConfig, batches, warmup: int, padded_vocab: int, activation: 
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    warm, per_step, losses = timed(device, batches[:warmup], batches[warmup:], step, "Hugging Face")
     info = (f"huggingface: attention implementation {model.config._attn_implementation}, "
             f"parameters {next(model.parameters()).dtype}")
+    return step, info
+
+
+def run_hf(cfg: RunConfig, batches, warmup: int, padded_vocab: int, activation: str) -> Result:
+    """Time the Hugging Face step."""
+    step, info = hf_step(cfg, padded_vocab, activation)
+    warm, per_step, losses = timed(pick_device(cfg.trainer.device), batches[:warmup], batches[warmup:], step,
+                                   "Hugging Face")
     return Result("huggingface", per_step, warm, 0, losses[0], losses[-1], info=info)
+
+
+def run_interleaved(cfg: RunConfig, batches, warmup: int, padded_vocab: int, activation: str,
+                    run_dir: str) -> tuple[Result, Result]:
+    """Both models in memory, their steps alternating on the same batches (which goes first alternates
+    too), each step timed alone; s/step is each model's median. On a shared or noisy machine a slow
+    spell then hits both, where one-model-after-the-other runs can be minutes apart. No peak memory."""
+    device = pick_device(cfg.trainer.device)
+    hf, info = hf_step(cfg, padded_vocab, activation)
+    ours, runtime, n_params, fpt = megaforge_step(cfg, run_dir)
+    steps = {"huggingface": hf, "megaforge": ours}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    losses: dict[str, list[float]] = {name: [] for name in steps}
+    warm = dict.fromkeys(steps, 0.0)
+    for i, x in enumerate(batches):
+        for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
+            sync(device)
+            start = time.perf_counter()
+            losses[name].append(float(steps[name](x)))
+            sync(device)
+            elapsed = time.perf_counter() - start
+            if i < warmup:
+                warm[name] += elapsed
+            else:
+                times[name].append(elapsed)
+    runtime.close()
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return (Result("huggingface", median["huggingface"], warm["huggingface"], 0, losses["huggingface"][0],
+                   losses["huggingface"][-1], info=info + "; interleaved with megaforge, median step"),
+            Result("megaforge", median["megaforge"], warm["megaforge"], 0, losses["megaforge"][0],
+                   losses["megaforge"][-1], n_params=n_params, fpt=fpt))
 
 
 def measure(name: str, device: torch.device, fn, *fn_args) -> Result:
@@ -368,7 +413,7 @@ def row(device: str, precision: str, mode: str, shape: str, r: Result, tokens: i
         return f"| {device} | {precision} | {mode} | {label} | {shape} | failed: {r.error} | | | | | |"
     tps = tokens / r.step_s
     return (f"| {device} | {precision} | {mode} | {label} | {shape} | {tps:,.1f} | {100 * fpt * tps / peak:.1f}% "
-            f"| {r.peak_bytes / GIB:.2f} GiB | {r.step_s:.3f} | {r.warmup_s:.1f} "
+            f"| {f'{r.peak_bytes / GIB:.2f} GiB' if r.peak_bytes else 'n/a'} | {r.step_s:.3f} | {r.warmup_s:.1f} "
             f"| {r.first_loss:.3f} → {r.last_loss:.3f} |")
 
 
@@ -400,6 +445,8 @@ def main() -> None:
     p.add_argument("--hf-activation", default=None,
                    help="GPT2Config.activation_function (default: GPT-2's gelu_new for gelu_tanh)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--interleave", action="store_true",
+                   help="both models in memory, steps alternating, median step time (noisy machines; no peak memory)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a megaforge config override for its run (repeatable), e.g. model.fused_cross_entropy=true")
     p.add_argument("--profile", type=int, default=0, metavar="K",
@@ -439,8 +486,13 @@ def main() -> None:
                 cfg = run_config(args, precision, mode == "compiled", tmp)
                 batches = make_batches(cfg, args.warmup + args.steps, device)
                 peak = peak_flops(device, precision, args.peak_tflops)
-                hf = measure("huggingface", device, run_hf, cfg, batches, args.warmup, padded_vocab, args.hf_activation)
-                ours = measure("megaforge", device, run_megaforge, cfg, batches, args.warmup, tmp)
+                if args.interleave:
+                    hf, ours = run_interleaved(cfg, batches, args.warmup, padded_vocab, args.hf_activation, tmp)
+                    release(device)
+                else:
+                    hf = measure("huggingface", device, run_hf, cfg, batches, args.warmup, padded_vocab,
+                                 args.hf_activation)
+                    ours = measure("megaforge", device, run_megaforge, cfg, batches, args.warmup, tmp)
                 n, fpt = ours.n_params, ours.fpt
                 if ours.error:  # the FLOPs from the model on meta
                     with torch.device("meta"):

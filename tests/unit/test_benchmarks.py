@@ -29,3 +29,19 @@ def test_gpt_throughput_prints_both_models_a_ratio_and_profiles(monkeypatch, cap
     assert "Hugging Face `GPT2LMHeadModel`" in rows[0] and "megaforge `Trainer.train_step`" in rows[1]
     assert "×**" in rows[2]  # the ratio
     assert out.count("profile of one") == 2 and "aten::" in out
+
+
+def test_gpt_throughput_interleaved(monkeypatch, capsys):
+    argv = [str(BENCH), "--recipe", "gpt-tiny", "--layers", "1", "--hidden", "32", "--heads", "4", "--vocab", "250",
+            "--seq", "16", "--micro-batch", "2", "--steps", "2", "--precisions", "fp32", "--threads", "1",
+            "--interleave", "--set", "model.fused_cross_entropy=true"]
+    monkeypatch.setattr(sys, "argv", argv)
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(BENCH), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| cpu | fp32 | eager + model.fused_cross_entropy")]
+    assert len(rows) == 3 and "failed" not in out and "interleaved with megaforge" in out, out
+    assert "n/a" in rows[0] and "×**" in rows[2]
