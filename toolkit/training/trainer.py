@@ -457,9 +457,10 @@ class Trainer:
                     result.val_loss = val
                 if self.evaluator is not None:
                     self._validate_task(record)
-            if self.state.step % cfg.log_interval == 0 or last or "val_loss" in record:
+            logged = self.state.step % cfg.log_interval == 0 or last or "val_loss" in record
+            if logged:
                 interval_wait = interval_time = 0.0  # the next record covers the steps after this one
-            if self.is_logging_rank and (self.state.step % cfg.log_interval == 0 or last or "val_loss" in record):
+            if self.is_logging_rank and logged:
                 metrics.log(record)
                 if wandb:
                     wandb.log(record)
