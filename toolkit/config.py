@@ -44,6 +44,8 @@ class ModelConfig:
     vocab_size: Optional[int] = None  # true vocabulary size; None → from the tokenizer
     recompute_granularity: str = "none"  # activation recompute: none | selective | full
     fused_cross_entropy: bool = False  # GPT: output layer + loss over token chunks, logits never whole (less memory)
+    fused_qkv: bool = False  # self-attention q, k, v as one matmul over their concatenated weights (names unchanged)
+    attention_backend: str = "auto"  # attention kernel: auto (PyTorch picks) | flash | cudnn | efficient | math
     # BERT family
     num_tokentypes: int = 2  # token-type (segment) vocabulary; 0 disables token-type embeddings
     bert_binary_head: bool = True  # sentence-pair head (NSP / sentence order)
@@ -215,6 +217,7 @@ CHOICES = {  # model.family is checked against the registry (built-in families a
     "model.layernorm_position": ("pre", "post"),
     "model.activation": ("gelu", "gelu_tanh", "relu", "swiglu", "geglu"),
     "model.recompute_granularity": ("none", "selective", "full"),
+    "model.attention_backend": ("auto", "flash", "cudnn", "efficient", "math"),
     "parallel.data_parallel_sharding": ("full", "optimizer_and_grads", "none"),
     "parallel.pipeline_schedule": ("1f1b", "interleaved_1f1b", "gpipe"),
     "data.corpus": ("english", "clinical"),

@@ -59,6 +59,31 @@ def test_resume_is_bitwise(straight: Path, tmp_path: Path):
     assert_bitwise_same_run(run, straight)
 
 
+def test_resume_takes_compute_options_and_configs_of_older_versions(tmp_path: Path):
+    """How the model computes (fused q/k/v, attention kernel, recompute) may change on resume, and a
+    config.yaml written before a model key existed resumes as that key's default; the model's shape may not."""
+    run = tmp_path / "run"
+    train(run, "trainer.max_steps=4", "trainer.exit_interval=2", "trainer.eval_interval=0")
+    saved = run / "config.yaml"
+    saved.write_text("".join(line for line in saved.read_text().splitlines(keepends=True)
+                             if not line.strip().startswith(("fused_qkv:", "attention_backend:"))))
+    out = train(run, "trainer.max_steps=4", "trainer.eval_interval=0", "model.fused_qkv=true",
+                "model.attention_backend=math", "model.recompute_granularity=full")
+    assert "resumed from" in out.stdout
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_4"
+    out = run_cli("train", "gpt-tiny", *SMALL, f"trainer.run_dir={run}", "trainer.max_steps=6",
+                  "model.hidden_size=32")
+    assert out.returncode == 2
+    assert "different model (model.hidden_size: 64 there, 32 now)" in out.stderr
+
+
+def test_cuda_attention_kernel_on_cpu_is_one_line(tmp_path: Path):
+    out = run_cli("train", "gpt-tiny", *SMALL, f"trainer.run_dir={tmp_path / 'run'}", "trainer.max_steps=1",
+                  "model.attention_backend=cudnn", "trainer.device=cpu")
+    assert out.returncode == 2
+    assert "model.attention_backend=cudnn is a CUDA kernel" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_interrupted_save_is_ignored(tmp_path: Path):
     run = tmp_path / "run"
     train(run, "trainer.max_steps=6", "checkpoint.save_interval=2", "trainer.exit_interval=4")

@@ -30,6 +30,10 @@ LAYOUTS = {
     "dp2_zero2": (2, ["parallel.data_parallel_sharding=optimizer_and_grads", vocab_pad(1)]),
     "dp2_replicated": (2, ["parallel.data_parallel_sharding=none", vocab_pad(1)]),
     "tp2_dp2": (4, ["parallel.tensor_model_parallel_size=2", "parallel.data_parallel_sharding=full", vocab_pad(2)]),
+    # model.fused_qkv: one process and FSDP2 (unsharded weights: the fused matmul), tp (DTensors: separate)
+    "fused_qkv": (1, ["model.fused_qkv=true", vocab_pad(1)]),
+    "dp2_fsdp_fused_qkv": (2, ["parallel.data_parallel_sharding=full", "model.fused_qkv=true", vocab_pad(1)]),
+    "tp2_fused_qkv": (2, ["parallel.tensor_model_parallel_size=2", "model.fused_qkv=true", vocab_pad(2)]),
 }
 
 

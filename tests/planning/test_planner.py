@@ -28,6 +28,9 @@ SHAPES = [
                   "trainer.micro_batch_size=2", "model.seq_length=1024"]),
     ("gpt-1.3b", ["model.num_layers=2", NO_ATTN_DROPOUT, "model.recompute_granularity=full"]),
     ("gpt-1.3b", ["model.num_layers=2", NO_ATTN_DROPOUT, "model.fused_cross_entropy=true"]),  # logits in chunks
+    ("gpt-1.3b", ["model.num_layers=2", NO_ATTN_DROPOUT, "model.fused_qkv=true"]),  # q, k, v: one cast input
+    ("gpt-1.3b", ["model.num_layers=2", NO_ATTN_DROPOUT, "trainer.precision=fp32", "model.hidden_dropout=0",
+                  "trainer.micro_batch_size=2", "model.seq_length=1024", "model.fused_qkv=true"]),  # fp32 weight copy
     ("tinyllama-1.1b", ["model.num_layers=2", "model.recompute_granularity=selective"]),  # GQA, SwiGLU, RMSNorm
     ("bert-base", ["model.num_layers=2", NO_ATTN_DROPOUT, "trainer.precision=bf16"]),  # post-LN, MLM + pair heads
 ]

@@ -142,6 +142,20 @@ class ParallelRuntime:
             value = value / self.dims.dp
         return value
 
+    def read_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, bad: torch.Tensor,
+                  signal: bool) -> tuple[float, float, bool, bool]:
+        """The step's one host read: (loss, gradient norm, skip, stop). ``bad`` (a 0-d bool tensor: the
+        step is not finite) and ``signal`` (this rank received a stop signal) are OR-ed over every rank
+        in one small all-reduce on the device, and read back with the loss and norm in one transfer,
+        so all ranks take the same decision and the step waits for the device once."""
+        flags = torch.stack([bad.float(), torch.full((), float(signal), device=bad.device)])  # [2]
+        if self.mesh is not None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        values = torch.cat([flags, local_value(loss).detach().float().reshape(1),
+                            local_value(grad_norm).detach().float().reshape(1)])  # [4]
+        skip, stop, loss_value, norm = values.tolist()
+        return loss_value, norm, bool(skip), bool(stop)
+
     def any_rank(self, *flags: bool) -> list[bool]:
         """Each flag OR-ed over every rank (one small all-reduce), so all ranks take the same decision
         (skip a non-finite step, stop on a signal one rank received)."""

@@ -77,7 +77,10 @@ def explain(cfg: RunConfig, gpu: GPU, e: Estimate, index: int) -> str:
         f"{d['tokens_per_microbatch']} tokens × {d['layer_microbatches_in_flight']:.1f} layer-micro-batches in flight"
         + (" + logits (4 B × vocab/tp per token)" if mem.rank in ("last", "only") else "")
         + (" + each in-flight chunk's output (4 B × h per token) held by the pipeline" if lay.pp > 1 else ""),
-        f"  weight casts{_gib(mem.weight_casts):>8} GiB  {c} B × matrix params kept by autocast for backward",
+        f"  weight casts{_gib(mem.weight_casts):>8} GiB  "
+        + (f"{c} B × matrix params kept by autocast for backward" if c == 2
+           else "4 B × q, k, v matrix params: model.fused_qkv's concatenated weights" if mem.weight_casts
+           else "none in fp32"),
         f"  temporary   {_gib(mem.temporary):>8} GiB  logits gradients ({12 if e.layout.tp > 1 else 8} B × vocab/tp per "
         f"token), a recomputed layer,"
         f" FSDP gathers",

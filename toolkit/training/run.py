@@ -5,16 +5,18 @@ This is what ``megaforge train`` calls; Python users can call :func:`train` dire
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from toolkit.config import RunConfig, save_config, validate
+from toolkit.config import ModelConfig, RunConfig, save_config, validate
 from toolkit.convert.init_from import adopt_source_config, adopt_source_task, resolve_init_from, source_config
 from toolkit.convert.lora_weights import record_lora_base
 from toolkit.data.corpus import corpus_prefix
@@ -72,6 +74,18 @@ def tokenizer_key(folder: Path) -> str:
     return h.hexdigest()[:12]
 
 
+#: model settings that change how the model computes, not its weights: a run resumes with them changed
+COMPUTE_ONLY = ("recompute_granularity", "fused_cross_entropy", "fused_qkv", "attention_backend")
+
+
+def model_differences(saved: Any, model: ModelConfig) -> list[str]:
+    """The ``model.*`` keys (sorted) in which a run's saved config differs from ``model``, leaving out
+    :data:`COMPUTE_ONLY`; a key the saved config lacks (written by an older megaforge) counts as its default."""
+    defaults = ModelConfig()
+    return sorted(f.name for f in dataclasses.fields(ModelConfig) if f.name not in COMPUTE_ONLY
+                  and saved.get(f.name, getattr(defaults, f.name)) != getattr(model, f.name))
+
+
 def prepare_run_dir(cfg: RunConfig, tokenizer: Tokenizer) -> Path:
     """Create the run directory; refuse to resume a run whose model differs; save config and tokenizer."""
     run_dir = run_dir_of(cfg)
@@ -79,11 +93,11 @@ def prepare_run_dir(cfg: RunConfig, tokenizer: Tokenizer) -> Path:
     saved = run_dir / "config.yaml"
     if saved.exists() and (run_dir / "checkpoints" / "latest").exists():
         old = OmegaConf.load(saved).get("model")
-        new = OmegaConf.structured(cfg).model
-        if old is not None and OmegaConf.to_container(old) != OmegaConf.to_container(new):
-            diff = sorted(k for k in new if old.get(k) != new.get(k))
-            raise ConfigError(f"{run_dir} holds a run with a different model (model.{diff[0]}: {old.get(diff[0])} "
-                              f"there, {new.get(diff[0])} now); use another trainer.run_dir")
+        diff = model_differences(old, cfg.model) if old is not None else []
+        if diff:
+            k = diff[0]
+            raise ConfigError(f"{run_dir} holds a run with a different model (model.{k}: {old.get(k)} "
+                              f"there, {getattr(cfg.model, k)} now); use another trainer.run_dir")
     save_config(cfg, saved)
     tokenizer.save(run_dir / "tokenizer")
     return run_dir

@@ -32,7 +32,8 @@ from toolkit.checkpoint import CheckpointManager
 from toolkit.checkpoint.native import has_frozen
 from toolkit.config import RunConfig, to_yaml
 from toolkit.data.sampler import PretrainingSampler
-from toolkit.errors import TrainingDiverged
+from toolkit.errors import ConfigError, TrainingDiverged
+from toolkit.models.common.attention import CUDA_ONLY_BACKENDS, sdpa_backend
 from toolkit.optim import lr_at, set_lr
 from toolkit.parallel.pipeline import Pipeline
 from toolkit.parallel.runtime import ParallelRuntime
@@ -125,6 +126,10 @@ class Trainer:
         self.dp_rank, self.dp_size = runtime.dp_rank, runtime.dims.dp
         self.is_logging_rank = runtime.is_logging_rank
         self.precision = Precision(cfg.trainer.precision, self.device, initial_loss_scale=cfg.trainer.initial_loss_scale)
+        self.attention_backend = cfg.model.attention_backend
+        if self.attention_backend in CUDA_ONLY_BACKENDS and self.device.type != "cuda":
+            raise ConfigError(f"model.attention_backend={self.attention_backend} is a CUDA kernel and this run is on "
+                              f"{self.device.type}; use auto, flash or math")
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                              verify_hashes=cfg.checkpoint.verify_hashes)
         self.num_microbatches = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * self.dp_size)
@@ -252,6 +257,13 @@ class Trainer:
         return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     # ---- one step ------------------------------------------------------------------------
+    def _compute(self) -> contextlib.ExitStack:
+        """The forward pass's context: autocast (bf16/fp16) and the attention kernel (model.attention_backend)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.precision.autocast())
+        stack.enter_context(sdpa_backend(self.attention_backend))
+        return stack
+
     def train_step(self, batches) -> tuple[float, float, bool]:
         """Forward/backward over the micro-batches of one global batch, then one optimizer step
         (skipped when the loss or gradient norm is not finite): (loss, gradient norm, skipped)."""
@@ -262,41 +274,40 @@ class Trainer:
         set_lr(self.optimizers, lr_at(self.state.step, self.optim_cfg, self.cfg.max_steps))
         if self.pipeline is not None:
             loss = self._pipeline_forward_backward(batches)
-            grad_norm, skipped = self._optimizer_step(loss, exclude_from_norm=self.pipeline.norm_exclusions())
-        else:
-            loss = self._forward_backward(batches)
-            grad_norm, skipped = self._optimizer_step(loss)
-        return loss, grad_norm, skipped
+            return self._optimizer_step(loss, exclude_from_norm=self.pipeline.norm_exclusions())
+        return self._optimizer_step(self._forward_backward(batches))
 
-    def _forward_backward(self, batches) -> float:
-        """Each micro-batch through the objective; gradients reduced over dp after the last one."""
+    def _forward_backward(self, batches) -> torch.Tensor:
+        """Each micro-batch through the objective; gradients reduced over dp after the last one. The
+        mean loss stays on the device (read back with the gradient norm, once per step)."""
         model, scaler = self.model_parts[0], self.precision.scaler
         total = torch.zeros((), device=self.device)
         for i in range(self.num_microbatches):
             batch = self._to_device(next(batches))
             self.runtime.set_grad_sync(model, i == self.num_microbatches - 1)
             with self.runtime.loss_context():
-                with self.precision.autocast():
+                with self._compute():
                     loss = self.objective(model, batch)
                 scaler.scale(loss / self.num_microbatches).backward()
             total += _plain(loss).detach()
-        return (self.runtime.mean_over_dp(total) / self.num_microbatches).item()
+        return self.runtime.mean_over_dp(total) / self.num_microbatches
 
-    def _pipeline_forward_backward(self, batches) -> float:
+    def _pipeline_forward_backward(self, batches) -> torch.Tensor:
         """One schedule step over all micro-batches: gradients averaged over micro-batches and dp."""
         pipe, scaler = self.pipeline, self.precision.scaler
         args, kwargs, target = self._pipeline_batch([next(batches) for _ in range(self.num_microbatches)])
         if scaler.is_enabled():  # only the last stage scales a loss; every stage unscales its gradients
             scaler.scale(torch.zeros((), device=self.device))
         scale = float(scaler.get_scale()) if scaler.is_enabled() else 1.0  # the losses come back scaled
-        with self.runtime.loss_context(), self.precision.autocast():
+        with self.runtime.loss_context(), self._compute():
             losses = pipe.step(args, kwargs, target, loss_fn=self._pipeline_loss,
                                num_microbatches=self.num_microbatches)
         pipe.sync_shared_grads()  # tied embeddings: first and last stage sum their gradients
         return self._pipeline_mean(losses, scale=scale)
 
-    def _optimizer_step(self, loss: float, exclude_from_norm=()) -> tuple[float, bool]:
-        """Unscale (fp16), clip to the global gradient norm, step and zero the gradients: (norm, skipped).
+    def _optimizer_step(self, loss: torch.Tensor, exclude_from_norm=()) -> tuple[float, float, bool]:
+        """Unscale (fp16), clip to the global gradient norm, step and zero the gradients: (loss, norm,
+        skipped), the loss and norm read back to the host together, the step's one wait on the device.
 
         A non-finite loss or gradient norm skips the update on every rank (fp16: an overflow in the
         gradients is the loss scaler's to skip and count; a non-finite loss is ours). The same
@@ -307,16 +318,18 @@ class Trainer:
             self.runtime.sync_found_inf(scaler, self.optimizers)
         params = [p for part in self.model_parts for p in part.parameters() if p.grad is not None]
         clip = self.optim_cfg.clip_grad if self.optim_cfg.clip_grad > 0 else float("inf")
-        grad_norm = float(self.runtime.clip_grad_norm_(params, clip, exclude_from_norm=exclude_from_norm))
-        non_finite = not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(grad_norm))
-        skip, stop = self.runtime.any_rank(non_finite, self.signal_received is not None)
+        grad_norm = self.runtime.clip_grad_norm_(params, clip, exclude_from_norm=exclude_from_norm)
+        bad = ~torch.isfinite(loss)
+        if not scaler.is_enabled():
+            bad = bad | ~torch.isfinite(grad_norm)
+        loss, grad_norm, skip, stop = self.runtime.read_step(loss, grad_norm, bad, self.signal_received is not None)
         if stop and self.stop_signal is None:
             self.stop_signal = self.signal_received or "a signal on another rank"
         if not skip:
             scaler.step(self.optimizers)
         scaler.update()
         self.optimizers.zero_grad(set_to_none=True)
-        return grad_norm, skip
+        return loss, grad_norm, skip
 
     def _pipeline_batch(self, micro_batches: list[dict]) -> tuple[tuple, dict, torch.Tensor]:
         """Micro-batches stacked along dim 0 (the schedule splits them again), as (args, kwargs, target)."""
@@ -327,13 +340,13 @@ class Trainer:
     def _pipeline_loss(self, output: Any, target: torch.Tensor) -> torch.Tensor:
         return self.precision.scaler.scale(self.pipeline.objective.loss(output, target))
 
-    def _pipeline_mean(self, losses: list[torch.Tensor] | None, *, scale: float = 1.0) -> float:
+    def _pipeline_mean(self, losses: list[torch.Tensor] | None, *, scale: float = 1.0) -> torch.Tensor:
         """Mean of the last stage's micro-batch losses, then over dp, on every rank."""
         total = torch.zeros((), device=self.device)
         for loss in losses or []:  # summed in micro-batch order, as _forward_backward does
             total += _plain(loss).detach().float() / scale
         total = self.runtime.mean_over_dp(total / max(1, len(losses or [])))
-        return self.pipeline.from_last_stage(total).item()
+        return self.pipeline.from_last_stage(total)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -350,13 +363,13 @@ class Trainer:
             if self.pipeline is not None:
                 micro_batches = list(self._loader(self.valid_dataset, 0, total))
                 args, kwargs, target = self._pipeline_batch(micro_batches)
-                with self.runtime.loss_context(), self.precision.autocast():
+                with self.runtime.loss_context(), self._compute():
                     stage_losses = self.pipeline.evaluate(args, kwargs, target, loss_fn=self.pipeline.objective.loss,
                                                           num_microbatches=len(micro_batches))
-                return self._pipeline_mean(stage_losses)
+                return self._pipeline_mean(stage_losses).item()
             losses = []
             for batch in self._loader(self.valid_dataset, 0, total):
-                with self.runtime.loss_context(), self.precision.autocast():
+                with self.runtime.loss_context(), self._compute():
                     losses.append(_plain(self.objective(self.model_parts[0], self._to_device(batch))).float())
             return self.runtime.mean_over_dp(torch.stack(losses).mean()).item()
         finally:

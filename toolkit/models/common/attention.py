@@ -3,10 +3,19 @@
 Separate ``q``, ``k``, ``v`` projections (not one fused matrix) so that tensor parallelism can
 shard each by heads with ``ColwiseParallel`` even when key/value heads are fewer than query heads.
 Reshapes use ``-1`` for the head count, so the same code runs on tensor-parallel local shards.
+
+``fused_qkv`` (``model.fused_qkv``) computes self-attention's three projections as one matmul over
+the concatenated weights, made anew each forward (Megatron's ``linear_qkv`` computed, the parameters
+and their names unchanged, so checkpoints, converters and LoRA targets are the same): one larger
+GEMM instead of three, and under autocast one cast of the input instead of three (and one input
+gradient instead of three summed). It applies where the three are plain local ``nn.Linear`` weights
+(one process, data parallelism, FSDP2's unsharded parameters); under tensor parallelism (DTensor
+weights), with LoRA adapters, for cross-attention and for cached decoding the separate path runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +23,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.models.common.rotary import apply_rotary
+
+#: ``model.attention_backend`` → the ``scaled_dot_product_attention`` kernels allowed (None: PyTorch picks)
+ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                      "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+CUDA_ONLY_BACKENDS = ("cudnn", "efficient")
+
+
+def sdpa_backend(name: str):
+    """A context in which attention runs on the kernel ``model.attention_backend`` names (``auto``:
+    PyTorch's own choice, no constraint). On a GPU ``flash`` is FlashAttention-2, ``cudnn`` cuDNN's
+    fused attention (Hopper), ``efficient`` the memory-efficient kernel; on a CPU ``flash`` is the
+    CPU flash kernel; ``math`` is the unfused reference everywhere. Under ``torch.compile`` the
+    choice is made when the graph is traced, inside this context."""
+    if ATTENTION_BACKENDS[name] is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, ATTENTION_BACKENDS[name])])
 
 
 @dataclass
@@ -42,8 +69,10 @@ class KVCache:
 
 class Attention(nn.Module):
     def __init__(self, *, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool,
-                 dropout: float, kv_input_size: int | None = None, softmax_scale: float | None = None):
+                 dropout: float, kv_input_size: int | None = None, softmax_scale: float | None = None,
+                 fused_qkv: bool = False):
         super().__init__()
+        self.fused_qkv = fused_qkv and kv_input_size is None  # one matmul for q, k, v (self-attention only)
         self.head_dim = head_dim
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.dropout = dropout
@@ -66,6 +95,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, sq, _ = x.shape
         src = x if kv_input is None else kv_input
+        if kv_input is None and cache is None and self._fusable():
+            q, k, v = self._fused_projections(x)
+            if rope is not None:
+                q = apply_rotary(q, *rope)
+                k = apply_rotary(k, *rope)
+            return self._attend(q, k, v, b, sq, attn_mask, is_causal)
         q = self.q(x).view(b, sq, -1, self.head_dim).transpose(1, 2)  # [b, h, sq, d]
         if cache is not None and kv_input is not None and cache.length > 0:
             k, v = cache.k[:, :, : cache.length], cache.v[:, :, : cache.length]  # cross-attn: encoder keys cached
@@ -85,6 +120,27 @@ class Attention(nn.Module):
                     is_causal = False
                 elif past > 0:
                     is_causal = False  # a single new query sees every cached key
+        return self._attend(q, k, v, b, sq, attn_mask, is_causal)
+
+    def _fusable(self) -> bool:
+        """``fused_qkv`` applies: the three projections are plain ``nn.Linear`` with local weights."""
+        return self.fused_qkv and all(
+            type(m) is nn.Linear and not hasattr(m.weight, "device_mesh") for m in (self.q, self.k, self.v))
+
+    def _fused_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [b, h, s, d], k and v [b, kvh, s, d] from one matmul over the concatenated weights."""
+        b, s, _ = x.shape
+        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])  # [(h + 2·kvh)·d, hidden]
+        bias = None if self.q.bias is None else torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        qkv = F.linear(x, weight, bias)  # [b, s, (h + 2·kvh)·d]
+        q, k, v = qkv.split([self.q.out_features, self.k.out_features, self.v.out_features], dim=-1)
+        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, h, s, d]
+        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, kvh, s, d]
+        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, kvh, s, d]
+        return q, k, v
+
+    def _attend(self, q, k, v, b: int, sq: int, attn_mask, is_causal: bool) -> torch.Tensor:
+        """Scaled dot-product attention of q [b, h, sq, d] over k, v [b, kvh, sk, d], then ``out``."""
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,

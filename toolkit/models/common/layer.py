@@ -26,6 +26,7 @@ class TransformerLayer(nn.Module):
             head_dim=head_dim(cfg),
             bias=cfg.add_bias_linear,
             dropout=cfg.attention_dropout,
+            fused_qkv=cfg.fused_qkv,
         )
         self.mlp_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.layernorm_epsilon)
         self.mlp = MLP(hidden_size=cfg.hidden_size, ffn_hidden_size=ffn_size(cfg), activation=cfg.activation,

@@ -80,7 +80,7 @@ class T5Layer(nn.Module):
 
         def attention() -> Attention:
             return Attention(hidden_size=h, num_heads=heads, num_kv_heads=heads, head_dim=head_dim(cfg), bias=False,
-                             dropout=cfg.attention_dropout, softmax_scale=1.0)
+                             dropout=cfg.attention_dropout, softmax_scale=1.0, fused_qkv=cfg.fused_qkv)
 
         self.attn_norm = nn.RMSNorm(h, eps=eps)
         self.attn = attention()
