@@ -7,8 +7,10 @@
 #
 # Rows, each one process with its own time limit (a hang or a crash costs that row only):
 #   1. bf16 eager, micro-batch 4, then one more step of each model under torch.profiler (top ops)
-#   2. bf16 eager, micro-batch 4, megaforge with model.fused_cross_entropy=true
-#   3. bf16 compiled, micro-batch 8, megaforge with trainer.compile_scope=layers and the fused loss
+#   2. bf16 eager, micro-batch 4, megaforge with model.fused_cross_entropy=true, model.fused_qkv=true
+#      and model.attention_backend=cudnn (cuDNN's fused attention on Hopper)
+#   3. bf16 compiled, micro-batch 8, megaforge with trainer.compile_scope=layers, the fused loss and
+#      fused q/k/v
 #   4. bf16 compiled (torch.compile of both whole models), micro-batch 8, only if the time left is
 #      more than row 3 took (plus a margin)
 # each with WARMUP untimed + STEPS timed steps per model. At the end the rows of all runs are printed
@@ -20,7 +22,8 @@
 #
 # Knobs (environment): PYTHON (python3), SITE (/tmp/site), BUDGET_S (330: seconds for the whole
 # script), WARMUP (3), STEPS (5), DEVICE (cuda), RECIPE (gpt-1.3b), SEQ (2048), EXTRA (more
-# arguments for gpt_throughput.py, e.g. shape overrides for a smoke test on CPU).
+# arguments for gpt_throughput.py, e.g. shape overrides for a smoke test on CPU), ATTENTION (cudnn: row
+# 2's model.attention_backend; flash or math for a smoke test on CPU).
 set -u
 
 PYTHON=${PYTHON:-python3}
@@ -32,6 +35,7 @@ DEVICE=${DEVICE:-cuda}
 RECIPE=${RECIPE:-gpt-1.3b}
 SEQ=${SEQ:-2048}
 EXTRA=${EXTRA:-}
+ATTENTION=${ATTENTION:-cudnn}
 START=$SECONDS
 LOG=$(mktemp /tmp/gpu_check.XXXXXX.log)
 
@@ -102,9 +106,10 @@ run_row() {
 
 LAST_S=0
 run_row "bf16 eager, micro-batch 4, profiled" 100 45 --micro-batch 4 --profile 25
-run_row "bf16 eager, micro-batch 4, fused loss" 90 45 --micro-batch 4 --set model.fused_cross_entropy=true
-run_row "bf16 compiled per layer, micro-batch 8, fused loss" 200 120 --micro-batch 8 --compile \
-    --set trainer.compile_scope=layers --set model.fused_cross_entropy=true
+run_row "bf16 eager, micro-batch 4, fused loss + fused qkv + cuDNN attention" 90 45 --micro-batch 4 \
+    --set model.fused_cross_entropy=true --set model.fused_qkv=true --set model.attention_backend="$ATTENTION"
+run_row "bf16 compiled per layer, micro-batch 8, fused loss + fused qkv" 200 120 --micro-batch 8 --compile \
+    --set trainer.compile_scope=layers --set model.fused_cross_entropy=true --set model.fused_qkv=true
 # the whole-model compile of both: start it only with the time the compiled row above took, and some
 need=$((LAST_S + 20))
 [ "$need" -lt 120 ] && need=120
