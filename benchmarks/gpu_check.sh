@@ -106,7 +106,7 @@ run_row() {
 
 LAST_S=0
 run_row "bf16 eager, micro-batch 4, profiled" 100 45 --micro-batch 4 --profile 25
-run_row "bf16 eager, micro-batch 4, fused loss + fused qkv + cuDNN attention" 90 45 --micro-batch 4 \
+run_row "bf16 eager, micro-batch 4, fused loss + fused qkv + $ATTENTION attention" 90 45 --micro-batch 4 \
     --set model.fused_cross_entropy=true --set model.fused_qkv=true --set model.attention_backend="$ATTENTION"
 run_row "bf16 compiled per layer, micro-batch 8, fused loss + fused qkv" 200 120 --micro-batch 8 --compile \
     --set trainer.compile_scope=layers --set model.fused_cross_entropy=true --set model.fused_qkv=true

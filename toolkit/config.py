@@ -127,7 +127,8 @@ class TrainerConfig:
     eval_iters: int = 4  # validation micro-batches per pass
     sample_prompt: Optional[str] = None  # text to continue with the trained model at the end
     sample_tokens: int = 40  # tokens generated for the end-of-run sample
-    num_threads: Optional[int] = None  # CPU threads for torch; None → on CPU the usable cores ÷ ranks on the machine
+    num_threads: Optional[int] = None  # CPU threads for torch; None → on CPU the physical cores of this rank's share
+    pin_cores: Optional[bool] = None  # CPU: pin each local rank to its own share of the cores; None → when ranks share a machine
     dry_run: bool = False  # apply the parallel plans on meta for a simulated world, report per-rank shards, exit
     dry_run_world_size: Optional[int] = None  # dry run: simulated processes; None → tp × pp (one data-parallel replica)
     dry_run_ranks: List[int] = field(default_factory=list)  # dry run: ranks reported; [] → first/middle/last stage × first/last tp

@@ -29,6 +29,7 @@ from toolkit.parallel.runtime import ParallelRuntime, setup
 from toolkit.registry import get_spec
 from toolkit.tokenization import Tokenizer, load_tokenizer
 from toolkit.training import finetune
+from toolkit.training.cpu_placement import place_cpu_run
 from toolkit.training.metrics import flops_per_token
 from toolkit.training.trainer import PartOptimizers, Trainer, TrainResult
 
@@ -126,9 +127,7 @@ def train(cfg: RunConfig) -> TrainResult:
     fresh_head = _resolve_init_from(cfg) if cfg.checkpoint.init_from else False
     validate_parallel(cfg, env.world_size)  # before any collective: a bad layout is one line, exit 2
     t = cfg.trainer
-    threads = cpu_threads(t.num_threads, t.device)
-    if threads:
-        torch.set_num_threads(threads)
+    place_cpu_run(t.num_threads, t.pin_cores, t.device)  # threads per rank; CPU runs: each rank on its own cores
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -247,19 +246,6 @@ def _train(cfg: RunConfig, runtime: ParallelRuntime, *, fresh_head: bool = False
         if runtime.is_logging_rank:
             logger.info(f"\nsample> {t.sample_prompt}{text}\n")
     return result
-
-
-def cpu_threads(asked: int | None, device: str) -> int | None:
-    """Intra-op threads for this process: ``trainer.num_threads`` if given; for a CPU run otherwise the
-    cores this process may use split evenly over the ranks on this machine (``torchrun`` sets
-    ``OMP_NUM_THREADS=1`` for several local ranks, which leaves all but one core per rank idle; torch's
-    own default, every core, oversubscribes them); None leaves torch's default (GPU runs)."""
-    if asked:
-        return asked
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def compile_layers(parts: list[nn.Module]) -> int:
