@@ -30,7 +30,7 @@ LAYOUTS = {
     "dp2_zero2": (2, ["parallel.data_parallel_sharding=optimizer_and_grads", vocab_pad(1)]),
     "dp2_replicated": (2, ["parallel.data_parallel_sharding=none", vocab_pad(1)]),
     "tp2_dp2": (4, ["parallel.tensor_model_parallel_size=2", "parallel.data_parallel_sharding=full", vocab_pad(2)]),
-    # model.fused_qkv: one process and FSDP2 (unsharded weights: the fused matmul), tp (DTensors: separate)
+    # model.fused_qkv: one process, FSDP2 (unsharded weights) and tp (each rank's columns, DTensor matmul)
     "fused_qkv": (1, ["model.fused_qkv=true", vocab_pad(1)]),
     "dp2_fsdp_fused_qkv": (2, ["parallel.data_parallel_sharding=full", "model.fused_qkv=true", vocab_pad(1)]),
     "tp2_fused_qkv": (2, ["parallel.tensor_model_parallel_size=2", "model.fused_qkv=true", vocab_pad(2)]),
@@ -48,4 +48,11 @@ def test_llama_style_tp2_sequence_parallel(llama_reference: Path, tmp_path: Path
     """RoPE, RMSNorm, SwiGLU, no biases, untied head (column-parallel), GQA, sequence parallel."""
     run = train_ok(tmp_path / "run", 2, *TINY, *LLAMA, "parallel.tensor_model_parallel_size=2",
                    "parallel.sequence_parallel=true", vocab_pad(2))
+    assert_same_run(run, llama_reference)
+
+
+def test_llama_style_tp2_sequence_parallel_fused_qkv(llama_reference: Path, tmp_path: Path):
+    """model.fused_qkv under tp2 + sequence parallelism with GQA and RoPE: each rank's q, k, v columns in one matmul."""
+    run = train_ok(tmp_path / "run", 2, *TINY, *LLAMA, "parallel.tensor_model_parallel_size=2",
+                   "parallel.sequence_parallel=true", "model.fused_qkv=true", vocab_pad(2))
     assert_same_run(run, llama_reference)

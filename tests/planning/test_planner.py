@@ -59,6 +59,7 @@ GPT2 = ("gpt-1.3b", ["model.num_layers=2", NO_ATTN_DROPOUT])
 PARALLEL_SHAPES = [
     (*GPT2, dict(tp=2), 0),  # vocabulary-parallel embedding, head and loss (loss_parallel)
     (*GPT2, dict(tp=2, sp=True), 0),
+    ("gpt-1.3b", ["model.num_layers=2", NO_ATTN_DROPOUT, "model.fused_qkv=true"], dict(tp=2, sp=True), 0),
     ("tinyllama-1.1b", ["model.num_layers=2", "model.recompute_granularity=selective"], dict(tp=2, sp=True), 0),
     (*GPT2, dict(dp=2, sharding="full"), 0),  # FSDP2, parameters re-gathered for backward
     ("gpt-1.3b", ["model.num_layers=4", NO_ATTN_DROPOUT], dict(pp=2), 0),  # first stage: embedding + 2 layers

@@ -120,3 +120,56 @@ def test_the_separate_path_runs_where_fusing_does_not_apply():
     apply_lora(fused, PeftConfig(method="lora", rank=2, target_modules=["q", "v"]))
     assert not any(m._fusable() for m in fused.modules() if isinstance(m, Attention))
     _loss(fused, _batch(cfg, "gpt"), "gpt").backward()  # still trains
+
+
+TP_CHECK = """
+import os, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from toolkit.config import load_config
+from toolkit.models.build import build_initialized_model
+from toolkit.models.common.attention import Attention
+from toolkit.models.gpt.parallelize import parallelize_gpt
+from toolkit.models.common.loss import lm_cross_entropy
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+SMALL = {small!r}
+taken = []
+original = Attention._column_parallel_qkv
+def spy(self, x):
+    taken.append(1)
+    return original(self, x)
+Attention._column_parallel_qkv = spy
+tokens = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(1))
+out = {{}}
+for fused in (False, True):
+    cfg = load_config("llama-tiny", [*SMALL, "model.num_query_groups=2", f"model.fused_qkv={{str(fused).lower()}}"])
+    model = build_initialized_model(cfg, torch.device("cpu"))
+    parallelize_gpt(model, init_device_mesh("cpu", (1,)), sequence_parallel={sp})
+    loss = lm_cross_entropy(model(tokens[:, :-1]).full_tensor(), tokens[:, 1:])  # logits: Shard(-1) DTensor
+    loss.backward()
+    out[fused] = (loss.item(), model.layers["0"].attn.k.weight.grad.full_tensor())
+assert len(taken) == 2, taken  # the fused model's two layers took the column-parallel fused path
+assert abs(out[True][0] - out[False][0]) < 1e-6, out
+torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-5, atol=1e-7)
+print("ok")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_column_parallel_weights_take_the_fused_path(sp):
+    """Under the tensor-parallel plan (DTensor ``Shard(0)`` weights; a world of one, in a process of
+    its own) the fused matmul runs on the local shards and matches the separate projections."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**__import__("os").environ, "PORT": str(port), "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", TP_CHECK.format(small=SMALL, sp=sp)], capture_output=True,
+                         text=True, env=env, cwd=REPO, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -62,7 +62,7 @@ class Shape:
     post_ln: bool  # BERT post-LN (embedding norm, no final norm)
     binary_head: bool  # BERT pooler + sentence-pair head
     hidden_dropout: bool  # dropout masks on the residual branches
-    fused_qkv: bool = False  # model.fused_qkv: q, k, v as one matmul (where the weights are local: tp 1)
+    fused_qkv: bool = False  # model.fused_qkv: q, k, v as one matmul
 
     @classmethod
     def of(cls, cfg: RunConfig) -> "Shape":
@@ -179,8 +179,8 @@ def layer_activation_bytes_per_token(sh: Shape, layout: Layout, precision: str, 
     # decomposition keeps it in the input dtype, 2 bytes)
     norm_region = 2 * 4 * h + (2 * 4 * h if sh.rms else 0) + (2 * h if sh.hidden_dropout else 0)
     if c == 2 or layout.sp:  # each linear keeps its own (cast or gathered) copy of its input; fused q, k, v
-        # (model.fused_qkv, local weights: tp 1) are one linear
-        linear_inputs = ((1 if sh.fused_qkv and t == 1 else 3) + n_mlp_in) * c * h
+        # (model.fused_qkv) are one linear
+        linear_inputs = ((1 if sh.fused_qkv else 3) + n_mlp_in) * c * h
     else:  # fp32 without SP: the norm output is shared by the linears that read it
         linear_inputs = 2 * 4 * h
     attention = c * (2 * q + 2 * kv) / t + 4 * sh.heads / t  # q, k, v, output; softmax statistics (fp32)
@@ -285,9 +285,10 @@ def _rank_memory(cfg: RunConfig, sh: Shape, layout: Layout, name: str, *, first:
         if sh.family == "bert":  # MLM transform: dense input and output, GELU output, its norm's fp32 input
             acts += tokens * sh.hidden * (4 * c + (4 if c == 2 else 0))
     casts = 0.0
-    if precision == "fp32" and sh.fused_qkv and t == 1 and layout.recompute == "none":
-        # fused q, k, v keep their concatenated fp32 weight for backward (under autocast: its cast, as below)
-        casts = 4 * params.layers * sh.hidden * (sh.heads + 2 * sh.groups) * sh.head_dim
+    if precision == "fp32" and sh.fused_qkv and layout.recompute == "none":
+        # fused q, k, v keep their concatenated fp32 weight (this rank's columns) for backward (under
+        # autocast: its cast, as below)
+        casts = 4 * params.layers * sh.hidden * (sh.heads + 2 * sh.groups) * sh.head_dim / t
     if precision != "fp32":  # recomputed layers cast their weights again in backward; the head is not recomputed
         casts = c * ((params.layers * layer_matrix_params(sh, t) if layout.recompute == "none" else 0)
                      + (0 if fused_ce else params.head_matrix))  # the fused loss drops its cast after forward

@@ -8,9 +8,11 @@ Reshapes use ``-1`` for the head count, so the same code runs on tensor-parallel
 the concatenated weights, made anew each forward (Megatron's ``linear_qkv`` computed, the parameters
 and their names unchanged, so checkpoints, converters and LoRA targets are the same): one larger
 GEMM instead of three, and under autocast one cast of the input instead of three (and one input
-gradient instead of three summed). It applies where the three are plain local ``nn.Linear`` weights
-(one process, data parallelism, FSDP2's unsharded parameters); under tensor parallelism (DTensor
-weights), with LoRA adapters, for cross-attention and for cached decoding the separate path runs.
+gradient instead of three summed — under tensor parallelism one all-reduce of it instead of three).
+It applies where the three are plain ``nn.Linear`` with local weights (one process, data parallelism,
+FSDP2's unsharded parameters) or column-parallel DTensor weights (tensor parallelism: each rank
+multiplies its own heads' columns); with LoRA adapters, for cross-attention and for cached decoding
+the separate path runs.
 """
 
 from __future__ import annotations
@@ -123,21 +125,51 @@ class Attention(nn.Module):
         return self._attend(q, k, v, b, sq, attn_mask, is_causal)
 
     def _fusable(self) -> bool:
-        """``fused_qkv`` applies: the three projections are plain ``nn.Linear`` with local weights."""
-        return self.fused_qkv and all(
-            type(m) is nn.Linear and not hasattr(m.weight, "device_mesh") for m in (self.q, self.k, self.v))
+        """``fused_qkv`` applies: the three projections are plain ``nn.Linear``, their weights local tensors
+        or all column-parallel (``Shard(0)`` DTensors on one mesh, as the tensor-parallel plan makes them)."""
+        linears = (self.q, self.k, self.v)
+        if not self.fused_qkv or any(type(m) is not nn.Linear for m in linears):
+            return False
+        meshes = [getattr(m.weight, "device_mesh", None) for m in linears]
+        if all(mesh is None for mesh in meshes):
+            return True
+        from torch.distributed.tensor import Shard
+
+        return all(mesh is meshes[0] and tuple(m.weight.placements) == (Shard(0),) for m, mesh in zip(linears, meshes))
 
     def _fused_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [b, h, s, d], k and v [b, kvh, s, d] from one matmul over the concatenated weights."""
+        """q [b, h, s, d], k and v [b, kvh, s, d] from one matmul over the concatenated weights (this rank's
+        heads under tensor parallelism)."""
         b, s, _ = x.shape
-        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])  # [(h + 2·kvh)·d, hidden]
-        bias = None if self.q.bias is None else torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        qkv = F.linear(x, weight, bias)  # [b, s, (h + 2·kvh)·d]
-        q, k, v = qkv.split([self.q.out_features, self.k.out_features, self.v.out_features], dim=-1)
+        linears = (self.q, self.k, self.v)
+        if hasattr(self.q.weight, "device_mesh"):
+            qkv = self._column_parallel_qkv(x)
+        else:
+            weight = torch.cat([m.weight for m in linears])  # [(h + 2·kvh)·d, hidden]
+            bias = None if self.q.bias is None else torch.cat([m.bias for m in linears])
+            qkv = F.linear(x, weight, bias)  # [b, s, (h + 2·kvh)·d]
+        sizes = [m.weight.to_local().shape[0] if hasattr(m.weight, "to_local") else m.out_features for m in linears]
+        q, k, v = qkv.split(sizes, dim=-1)
         q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, h, s, d]
         k = k.view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, kvh, s, d]
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, kvh, s, d]
         return q, k, v
+
+    def _column_parallel_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """Tensor parallelism: this rank's q, k, v columns [b, s, (h + 2·kvh)·d / tp] from one matmul. The
+        local shards are concatenated and the product taken as DTensors (``x`` replicated, the weight
+        ``Shard(0)``), as ``ColwiseParallel`` does for each projection, so backward all-reduces the input
+        gradient once instead of three times."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        linears = (self.q, self.k, self.v)
+        mesh = self.q.weight.device_mesh
+        weight = DTensor.from_local(torch.cat([m.weight.to_local() for m in linears]), mesh, [Shard(0)],
+                                    run_check=False)  # this rank's [(h + 2·kvh)·d / tp, hidden]
+        bias = None if self.q.bias is None else DTensor.from_local(
+            torch.cat([m.bias.to_local() for m in linears]), mesh, [Shard(0)], run_check=False)
+        x = x if isinstance(x, DTensor) else DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+        return F.linear(x.redistribute(mesh, [Replicate()]), weight, bias).to_local()  # [b, s, local columns]
 
     def _attend(self, q, k, v, b: int, sq: int, attn_mask, is_causal: bool) -> torch.Tensor:
         """Scaled dot-product attention of q [b, h, sq, d] over k, v [b, kvh, sk, d], then ``out``."""
