@@ -90,6 +90,15 @@ LAYOUTS = {  # nproc, tp, dp, overrides
     "pp2_gpipe": (2, 1, 1, [PP2, "parallel.pipeline_schedule=gpipe", vocab_pad(1)]),
     "pp2_dp2_fsdp": (4, 1, 2, [PP2, "parallel.data_parallel_sharding=full", vocab_pad(1)]),
     "tp2_pp2_dp2": (8, 2, 2, [TP2, PP2, "parallel.data_parallel_sharding=optimizer_and_grads", vocab_pad(2)]),
+    # model.fused_cross_entropy: the last stage returns hidden states, the loss applies the output layer
+    "pp2_fused_loss": (2, 1, 1, [PP2, "model.fused_cross_entropy=true", vocab_pad(1)]),
+    # (ZeRO-2 and replicated dp keep the output weight gathered until backward; FSDP full keeps logits)
+    "pp2_dp2_zero2_fused_loss": (4, 1, 2, [PP2, "parallel.data_parallel_sharding=optimizer_and_grads",
+                                           "model.fused_cross_entropy=true", vocab_pad(1)]),
+    "pp2_dp2_replicated_fused_loss": (4, 1, 2, [PP2, "parallel.data_parallel_sharding=none",
+                                                "model.fused_cross_entropy=true", vocab_pad(1)]),
+    "pp2_dp2_fsdp_fused_loss": (4, 1, 2, [PP2, "parallel.data_parallel_sharding=full",
+                                          "model.fused_cross_entropy=true", vocab_pad(1)]),
 }
 
 

@@ -156,4 +156,4 @@ def _forward(cfg: RunConfig, spec, model: torch.nn.Module, pipeline, batch: dict
     if not first:  # hidden states [b, s, h] as received from the previous stage
         args = (torch.randn(*args[0].shape, cfg.model.hidden_size, requires_grad=True),)
     output = model(*args, **kwargs)
-    return spec.pipeline_objective.loss(output, target) if last else output
+    return pipeline.objective.loss(output, target) if last else output  # (the stage's fused loss, if any)

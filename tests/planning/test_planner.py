@@ -64,6 +64,7 @@ PARALLEL_SHAPES = [
     (*GPT2, dict(dp=2, sharding="full"), 0),  # FSDP2, parameters re-gathered for backward
     ("gpt-1.3b", ["model.num_layers=4", NO_ATTN_DROPOUT], dict(pp=2), 0),  # first stage: embedding + 2 layers
     ("gpt-1.3b", ["model.num_layers=4", NO_ATTN_DROPOUT], dict(pp=2), 1),  # last: 2 layers, head, tied copy
+    ("gpt-1.3b", ["model.num_layers=4", NO_ATTN_DROPOUT, "model.fused_cross_entropy=true"], dict(pp=2), 1),
 ]
 
 

@@ -274,8 +274,10 @@ def _rank_memory(cfg: RunConfig, sh: Shape, layout: Layout, name: str, *, first:
         # backward; the last rank's last chunk outputs the loss instead
         chunks_held = layers_held * layout.pp * layout.vpp / sh.layers
         acts += 4 * sh.hidden * tokens / norm_div * max(chunks_held - (1 if last else 0), 0)
-    # model.fused_cross_entropy (one process per stage of the vocabulary: no tp, no pipeline split)
-    fused_ce = cfg.model.fused_cross_entropy and sh.family == "gpt" and t == 1 and layout.pp == 1
+    # model.fused_cross_entropy (the whole vocabulary on one rank: no tp; a pipeline's last stage too,
+    # unless FSDP full sharding reshards its output weight after forward)
+    fused_ce = (cfg.model.fused_cross_entropy and sh.family == "gpt" and t == 1
+                and not (layout.pp > 1 and layout.dp > 1 and layout.sharding == "full"))
     chunk = min(tokens, max(1, CHUNK_ELEMENTS // sh.padded_vocab(t)))  # tokens per fused chunk
     if last and fused_ce:  # final norm input (+ RMSNorm's copy); the fused loss keeps the gradients it made:
         # the hidden states' (fp32) and the output weight's (fp32 [vocab, hidden])

@@ -193,9 +193,23 @@ def build_model_parts(cfg: RunConfig, runtime: ParallelRuntime, *, materialize_p
     if runtime.dims.pp > 1:
         pipeline = runtime.build_pipeline(model, spec.pipeline_split, spec.pipeline_objective,
                                           spec.tensor_parallel, recompute, materialize=init)
+        if runtime.dims.dp == 1 or cfg.parallel.data_parallel_sharding != "full":
+            _fuse_last_stage_loss(pipeline)  # (FSDP full sharding reshards the output weight after forward)
         return pipeline.parts, pipeline, n_params
     runtime.parallelize(model, spec.tensor_parallel, recompute, materialize=init)
     return [model], None, n_params
+
+
+def _fuse_last_stage_loss(pipeline) -> None:
+    """A last stage whose model fuses its loss (GPT with ``model.fused_cross_entropy``) returns its final
+    hidden states, and the pipeline's loss is the stage's own (output layer + cross-entropy over token
+    chunks), so the last stage never holds whole logits. The loss runs after the stage's forward, so the
+    output weight must still be gathered then: not under ``data_parallel_sharding=full`` with dp > 1
+    (FSDP2 reshards it after forward), where the last stage keeps returning logits."""
+    last = pipeline.parts[-1] if pipeline.has_last else None
+    if last is not None and getattr(last, "fuses_loss", False):
+        last.hidden_output = True
+        pipeline.objective = dataclasses.replace(pipeline.objective, loss=last.loss)
 
 
 def _train(cfg: RunConfig, runtime: ParallelRuntime, *, fresh_head: bool = False) -> TrainResult:

@@ -63,6 +63,9 @@ class GPTModel(nn.Module):
         # a later pipeline stage receives hidden states holding 1/sequence_shards of the sequence
         # (sequence parallelism; set by the tensor-parallel plan) — RoPE needs the full length
         self.sequence_shards = 1
+        # a pipeline's last stage with model.fused_cross_entropy returns its final hidden states and the
+        # pipeline's loss applies the output layer fused with the loss (:meth:`loss`; set by the trainer's set-up)
+        self.hidden_output = False
 
     def init_rules(self) -> dict:
         """Megatron init, per parameter name (``toolkit.models.common.init``): N(0, init_method_std),
@@ -121,6 +124,8 @@ class GPTModel(nn.Module):
         h = self.final_norm(h)
         if labels is not None:
             return self.loss(h, labels)
+        if self.hidden_output and caches is None:  # (generation, with KV caches, samples from logits)
+            return h  # [b, s, hidden], to the pipeline's loss (fused output layer + cross-entropy)
         return vocab_logits(h, self.output_weight(), self.vocab_size)  # [b, s, padded_vocab]
 
     def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
