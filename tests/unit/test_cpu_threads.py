@@ -54,36 +54,41 @@ def test_threads_are_the_physical_cores_of_the_share(monkeypatch, tmp_path):
     assert cpu_threads(None, "cuda") is None  # GPU runs keep torch's default
 
 
-PLACE = """
-import os, sys, torch
-from toolkit.training.cpu_placement import place_cpu_run
-threads, pinned = place_cpu_run(None, {pin}, "cpu")
-print(threads, pinned, sorted(os.sched_getaffinity(0)), torch.get_num_threads())
-"""
+def test_pinning_policy(monkeypatch, tmp_path):
+    """Pinned by default only when several ranks share the machine and each can have a core of its own."""
+    cpus = _fake_sysfs(tmp_path, sockets=1, cores=4, smt=2)  # 8 CPUs, 4 cores, siblings n and n+4
+    monkeypatch.setattr(cpu_placement, "SYSFS_CPU", tmp_path)
+    monkeypatch.setattr(cpu_placement, "usable_cpus", lambda: cpus)
+    pinned = []
+    monkeypatch.setattr(os, "sched_setaffinity", lambda _pid, mask: pinned.append(sorted(mask)), raising=False)
+    monkeypatch.setattr(cpu_placement.torch, "set_num_threads", lambda n: None)
+
+    def place(rank: int, world: int, pin=None):
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(world))
+        pinned.clear()
+        threads, _ = cpu_placement.place_cpu_run(None, pin, "cpu")
+        return threads, list(pinned)
+
+    assert place(1, 2) == (2, [[2, 3, 6, 7]])  # cores 2 and 3 with their siblings, a thread per core
+    assert place(0, 1) == (4, [])  # one process: every core it was given
+    assert place(0, 1, pin=True) == (4, [cpus])
+    assert place(1, 2, pin=False) == (2, [])
+    assert place(5, 8) == (1, [])  # more ranks than cores: not pinned (measured slower)
+    assert place(5, 8, pin=True) == (1, [[1, 5]])  # unless asked: round-robin
+    assert place(0, 2, pin=None)[1] and cpu_placement.place_cpu_run(None, None, "cuda") == (None, None)
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs Linux affinity and 2 usable CPUs")
-@pytest.mark.parametrize("pin", ["None", "False"])
-def test_each_local_rank_is_pinned_to_its_own_cores(pin):
-    """Two ranks as torchrun starts them on this machine, each in a real process: rank r on core r (auto),
-    or every core (pin_cores=false); a single process is never pinned unless asked."""
+def test_a_rank_really_runs_on_its_own_cores():
+    """The second of two ranks, as torchrun starts it, in a process of its own on this machine."""
     cpus = sorted(os.sched_getaffinity(0))
-    cores = physical_cores(cpus)
-    seen = []
-    for rank in (0, 1):
-        env = dict(os.environ, LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", PYTHONPATH=str(REPO))
-        out = subprocess.run([sys.executable, "-c", PLACE.format(pin=pin)], capture_output=True, text=True,
-                             env=env, check=True, cwd=REPO).stdout.split(maxsplit=1)
-        seen.append(out[1])
-    share = [sorted(c for core in rank_share(cores, r, 2) for c in core) for r in (0, 1)]
-    threads = len(cores) // 2
-    if pin == "None":
-        assert seen == [f"{share[r]} {share[r]} {threads}\n" for r in (0, 1)]
-        assert not set(share[0]) & set(share[1])
-    else:
-        assert seen == [f"None {cpus} {threads}\n"] * 2
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    single = subprocess.run([sys.executable, "-c", PLACE.format(pin="None")], capture_output=True, text=True,
-                            env=dict(env, PYTHONPATH=str(REPO)), check=True, cwd=REPO).stdout
-    assert single == f"{len(cores)} None {cpus} {len(cores)}\n"
+    share = sorted(c for core in rank_share(physical_cores(cpus), 1, 2) for c in core)
+    code = ("import os, torch; from toolkit.training.cpu_placement import place_cpu_run; "
+            "place_cpu_run(None, None, 'cpu'); print(sorted(os.sched_getaffinity(0)), torch.get_num_threads())")
+    env = dict(os.environ, LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                         cwd=REPO).stdout
+    assert out == f"{share} {len(physical_cores(cpus)) // 2}\n"
+    assert set(share) < set(cpus)

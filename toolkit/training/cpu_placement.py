@@ -70,13 +70,16 @@ def cpu_threads(asked: int | None, device: str) -> int | None:
 def place_cpu_run(num_threads: int | None, pin_cores: bool | None, device: str) -> tuple[int | None, list[int] | None]:
     """Set this process's intra-op threads and, for a CPU run, its core affinity: (threads set or None,
     CPUs pinned to or None). ``pin_cores`` None pins when several ranks share this machine
-    (``LOCAL_WORLD_SIZE`` > 1); a single process keeps every core it was given."""
+    (``LOCAL_WORLD_SIZE`` > 1) and each can have a core of its own; a single process keeps every core
+    it was given, and so do ranks outnumbering the cores (pinned round-robin, a rank waiting on a
+    collective would hold its core while another rank's core is busy: measured slower)."""
     local_rank, local_world = _local_ranks()
     threads = cpu_threads(num_threads, device)  # from the cores given, before pinning narrows them
+    cores = physical_cores(usable_cpus())
     pinned = None
-    if not _on_gpu(device) and (pin_cores or (pin_cores is None and local_world > 1)) \
-            and hasattr(os, "sched_setaffinity"):
-        share = rank_share(physical_cores(usable_cpus()), local_rank, local_world)
+    auto = pin_cores is None and 1 < local_world <= len(cores)
+    if not _on_gpu(device) and (pin_cores or auto) and hasattr(os, "sched_setaffinity"):
+        share = rank_share(cores, local_rank, local_world)
         pinned = sorted(cpu for core in share for cpu in core)
         os.sched_setaffinity(0, pinned)
     if threads:
