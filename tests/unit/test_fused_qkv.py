@@ -160,16 +160,14 @@ dist.destroy_process_group()
 def test_column_parallel_weights_take_the_fused_path(sp):
     """Under the tensor-parallel plan (DTensor ``Shard(0)`` weights; a world of one, in a process of
     its own) the fused matmul runs on the local shards and matches the separate projections."""
-    import socket
+    import os
     import subprocess
     import sys
 
     from tests.conftest import REPO
+    from tests.parallel.helpers import _free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**__import__("os").environ, "PORT": str(port), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PORT": str(_free_port()), "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", TP_CHECK.format(small=SMALL, sp=sp)], capture_output=True,
                          text=True, env=env, cwd=REPO, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -56,15 +56,16 @@ def rank_share(cores: list[list[int]], local_rank: int, local_world: int) -> lis
     return cores[local_rank * per_rank:(local_rank + 1) * per_rank]
 
 
-def cpu_threads(asked: int | None, device: str) -> int | None:
+def cpu_threads(asked: int | None, device: str, cores: list[list[int]] | None = None) -> int | None:
     """Intra-op threads for this process: ``trainer.num_threads`` if given; for a CPU run otherwise the
-    physical cores of this rank's share (:func:`rank_share`); None leaves torch's default (GPU runs)."""
+    physical cores of this rank's share (:func:`rank_share`) of ``cores`` (default: the usable ones);
+    None leaves torch's default (GPU runs)."""
     if asked:
         return asked
     if _on_gpu(device):
         return None
     local_rank, local_world = _local_ranks()
-    return len(rank_share(physical_cores(usable_cpus()), local_rank, local_world))
+    return len(rank_share(cores or physical_cores(usable_cpus()), local_rank, local_world))
 
 
 def place_cpu_run(num_threads: int | None, pin_cores: bool | None, device: str) -> tuple[int | None, list[int] | None]:
@@ -74,8 +75,8 @@ def place_cpu_run(num_threads: int | None, pin_cores: bool | None, device: str) 
     it was given, and so do ranks outnumbering the cores (pinned round-robin, a rank waiting on a
     collective would hold its core while another rank's core is busy: measured slower)."""
     local_rank, local_world = _local_ranks()
-    threads = cpu_threads(num_threads, device)  # from the cores given, before pinning narrows them
-    cores = physical_cores(usable_cpus())
+    cores = physical_cores(usable_cpus())  # the cores given, before pinning narrows them
+    threads = cpu_threads(num_threads, device, cores)
     pinned = None
     auto = pin_cores is None and 1 < local_world <= len(cores)
     if not _on_gpu(device) and (pin_cores or auto) and hasattr(os, "sched_setaffinity"):
