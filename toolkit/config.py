@@ -129,6 +129,7 @@ class TrainerConfig:
     sample_tokens: int = 40  # tokens generated for the end-of-run sample
     num_threads: Optional[int] = None  # CPU threads for torch; None → on CPU the physical cores of this rank's share
     pin_cores: Optional[bool] = None  # CPU: pin each local rank to its own share of the cores; None → when ranks share a machine
+    reuse_host_memory: bool = False  # glibc malloc keeps freed memory in its heap for reuse (CPU: no page faults per step)
     dry_run: bool = False  # apply the parallel plans on meta for a simulated world, report per-rank shards, exit
     dry_run_world_size: Optional[int] = None  # dry run: simulated processes; None → tp × pp (one data-parallel replica)
     dry_run_ranks: List[int] = field(default_factory=list)  # dry run: ranks reported; [] → first/middle/last stage × first/last tp

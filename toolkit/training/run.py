@@ -30,6 +30,7 @@ from toolkit.registry import get_spec
 from toolkit.tokenization import Tokenizer, load_tokenizer
 from toolkit.training import finetune
 from toolkit.training.cpu_placement import place_cpu_run
+from toolkit.training.host_memory import apply_reuse_host_memory
 from toolkit.training.metrics import flops_per_token
 from toolkit.training.trainer import PartOptimizers, Trainer, TrainResult
 
@@ -128,6 +129,7 @@ def train(cfg: RunConfig) -> TrainResult:
     validate_parallel(cfg, env.world_size)  # before any collective: a bad layout is one line, exit 2
     t = cfg.trainer
     place_cpu_run(t.num_threads, t.pin_cores, t.device)  # threads per rank; CPU runs: each rank on its own cores
+    apply_reuse_host_memory(t.reuse_host_memory)  # freed host memory stays in the heap for the next step
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
