@@ -18,10 +18,13 @@ the whole step: host-to-device copy of the batch, forward, backward, clipping, o
     python benchmarks/gpt_throughput.py --device cuda --recipe gpt-1.3b --modes eager,compiled   # GPU
     bash benchmarks/gpu_check.sh                                                                # the GPU check
 
-Each (mode, precision) measures Hugging Face, then megaforge, in one process, one model in memory
-at a time, and prints a markdown row per model and a ratio row megaforge / Hugging Face: tokens/s,
-MFU, peak memory, s/step, the warm-up time (compilation included) and the loss of the first and
-last step. FLOPs per token = 6·N + 12·L·h·s with N the parameters excluding position embeddings
+Each (mode, precision) measures Hugging Face, then megaforge, one model in memory at a time, each in
+a process of its own (Hugging Face's is this script again, ``--hf-worker``), so a process-wide setting
+of one (megaforge's ``trainer.reuse_host_memory``: glibc malloc keeping freed memory) is not the
+other's; ``--hf-reuse-host-memory`` gives Hugging Face the same setting. It prints a markdown row
+per model and a ratio row megaforge / Hugging Face: tokens/s, MFU, peak memory, s/step, the warm-up
+time (compilation included) and the loss of the first and last step. FLOPs per token = 6·N +
+12·L·h·s with N the parameters excluding position embeddings
 (the same N for both: Hugging Face gets megaforge's padded vocabulary). MFU divides by the peak
 ``toolkit.training.metrics.peak_flops`` gives the trainer (data sheet on known GPUs: 989 TFLOP/s
 dense bf16 on H100/H200; on CPU the measured matmul peak) unless ``--peak-tflops`` is given. Peak
@@ -36,12 +39,14 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -51,6 +56,7 @@ from toolkit.models.common.loss import lm_cross_entropy
 from toolkit.optim import build_optimizer, param_groups
 from toolkit.parallel.runtime import setup as setup_runtime
 from toolkit.registry import get_spec
+from toolkit.training.host_memory import apply_reuse_host_memory
 from toolkit.training.metrics import flops_per_token, peak_flops
 from toolkit.training.run import _compiled_objective, build_model_parts, compile_layers, pick_device, setup_tokenizer
 from toolkit.training.trainer import PartOptimizers, Trainer
@@ -239,6 +245,7 @@ def megaforge_step(cfg: RunConfig, run_dir: str):
     """Build the run as ``toolkit.training.run._train`` does (one process: a world of size 1): (step
     function running ``Trainer.train_step``, runtime, parameters without positions, FLOPs per token)."""
     spec = get_spec(cfg.model.family)
+    apply_reuse_host_memory(cfg.trainer.reuse_host_memory)  # as `megaforge train` does (this process is megaforge's)
     runtime = setup_runtime(cfg, pick_device(cfg.trainer.device))
     parts, pipeline, n_params = build_model_parts(cfg, runtime)
     optimizers = PartOptimizers([build_optimizer(part, cfg.optim) for part in parts])
@@ -321,6 +328,16 @@ def hf_step(cfg: RunConfig, padded_vocab: int, activation: str):
     return step, info
 
 
+def hf_measurement(hf: HFProcess) -> Result:
+    """The sequential Hugging Face measurement, made in its process (a failure becomes a row)."""
+    try:
+        reply = hf.ask(op="run")
+    except RuntimeError as e:
+        return Result("huggingface", error=str(e)[:200])
+    PROFILES.extend(reply["profiles"])
+    return Result(**reply["result"])
+
+
 def run_hf(cfg: RunConfig, batches, warmup: int, padded_vocab: int, activation: str) -> Result:
     """Time the Hugging Face step."""
     step, info = hf_step(cfg, padded_vocab, activation)
@@ -329,25 +346,34 @@ def run_hf(cfg: RunConfig, batches, warmup: int, padded_vocab: int, activation: 
     return Result("huggingface", per_step, warm, 0, losses[0], losses[-1], info=info)
 
 
-def run_interleaved(cfg: RunConfig, batches, warmup: int, padded_vocab: int, activation: str,
-                    run_dir: str) -> tuple[Result, Result]:
-    """Both models in memory, their steps alternating on the same batches (which goes first alternates
-    too), each step timed alone; s/step is each model's median. On a shared or noisy machine a slow
-    spell then hits both, where one-model-after-the-other runs can be minutes apart. No peak memory."""
+def run_interleaved(cfg: RunConfig, hf: HFProcess, batches, warmup: int, run_dir: str) -> tuple[Result, Result]:
+    """Both models in memory (Hugging Face's in its own process), their steps alternating on the same
+    batches (which goes first alternates too), each step timed alone; s/step is each model's median. On
+    a shared or noisy machine a slow spell then hits both, where one-model-after-the-other runs can be
+    minutes apart. No peak memory."""
     device = pick_device(cfg.trainer.device)
-    hf, info = hf_step(cfg, padded_vocab, activation)
+    info = hf.ask(op="build")["info"]
     ours, runtime, n_params, fpt = megaforge_step(cfg, run_dir)
-    steps = {"huggingface": hf, "megaforge": ours}
+
+    def megaforge(i: int) -> tuple[float, float]:
+        sync(device)
+        start = time.perf_counter()
+        loss = float(ours(batches[i]))
+        sync(device)
+        return time.perf_counter() - start, loss
+
+    def huggingface(i: int) -> tuple[float, float]:
+        reply = hf.ask(op="step", i=i)  # timed there, around the step alone
+        return reply["s"], reply["loss"]
+
+    steps = {"huggingface": huggingface, "megaforge": megaforge}
     times: dict[str, list[float]] = {name: [] for name in steps}
     losses: dict[str, list[float]] = {name: [] for name in steps}
     warm = dict.fromkeys(steps, 0.0)
-    for i, x in enumerate(batches):
+    for i in range(len(batches)):
         for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
-            sync(device)
-            start = time.perf_counter()
-            losses[name].append(float(steps[name](x)))
-            sync(device)
-            elapsed = time.perf_counter() - start
+            elapsed, loss = steps[name](i)
+            losses[name].append(loss)
             if i < warmup:
                 warm[name] += elapsed
             else:
@@ -358,6 +384,77 @@ def run_interleaved(cfg: RunConfig, batches, warmup: int, padded_vocab: int, act
                    losses["huggingface"][-1], info=info + "; interleaved with megaforge, median step"),
             Result("megaforge", median["megaforge"], warm["megaforge"], 0, losses["megaforge"][0],
                    losses["megaforge"][-1], n_params=n_params, fpt=fpt))
+
+
+# ---------------------------------------------------------------------------- Hugging Face's process
+
+
+class HFProcess:
+    """Hugging Face's side of one row in a process of its own: this script again with ``--hf-worker
+    MODE,PRECISION``, which rebuilds the row's config and batches from the same arguments and answers
+    one line of JSON per request on its stdout (its own prints go to stderr). Process-wide settings
+    then stay each model's own: megaforge's trainer sets glibc malloc's for its process
+    (``trainer.reuse_host_memory``), Hugging Face keeps the defaults its users get
+    (``--hf-reuse-host-memory`` gives it the same)."""
+
+    def __init__(self, mode: str, precision: str):
+        cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--hf-worker", f"{mode},{precision}",
+               "--threads", str(torch.get_num_threads())]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self, **request) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the Hugging Face process exited (code {self.proc.wait()}) on {request['op']}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        return reply
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def hf_worker(args, mode: str, precision: str) -> None:
+    """``--hf-worker``: serve one row's Hugging Face requests (``run``: the whole sequential measurement;
+    ``build`` then ``step`` i: interleaved steps) until stdin closes."""
+    channel, sys.stdout = sys.stdout, sys.stderr  # replies alone on the pipe
+    if args.hf_reuse_host_memory:
+        apply_reuse_host_memory(True)
+    device = pick_device(args.device)
+    step = None
+    with tempfile.TemporaryDirectory(prefix="mf-bench-hf-") as tmp:
+        cfg = run_config(args, precision, mode == "compiled", tmp)
+        _, padded_vocab = model_vocab_sizes(cfg.model)
+        activation = args.hf_activation or HF_ACTIVATION[cfg.model.activation]
+        batches = make_batches(cfg, args.warmup + args.steps, device)
+        for line in sys.stdin:
+            request = json.loads(line)
+            try:
+                if request["op"] == "run":
+                    result = measure("huggingface", device, run_hf, cfg, batches, args.warmup, padded_vocab,
+                                     activation)
+                    reply = {"result": asdict(result), "profiles": PROFILES}
+                elif request["op"] == "build":
+                    step, info = hf_step(cfg, padded_vocab, activation)
+                    reply = {"info": info}
+                else:  # step i
+                    sync(device)
+                    start = time.perf_counter()
+                    loss = float(step(batches[request["i"]]))
+                    sync(device)
+                    reply = {"s": time.perf_counter() - start, "loss": loss}
+            except Exception as e:  # noqa: BLE001 - the parent reports it
+                reply = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"}
+            channel.write(json.dumps(reply) + "\n")
+            channel.flush()
 
 
 def measure(name: str, device: torch.device, fn, *fn_args) -> Result:
@@ -398,7 +495,11 @@ def header_lines(args, cfg: RunConfig, device: torch.device, padded_vocab: int) 
         "trainer.compile → torch.compile of the model (run.py)"
         + (f"; overrides: {' '.join(args.set)}" if args.set else ""),
         f"huggingface: GPT2LMHeadModel (sdpa, {args.hf_activation}), plain loop, AdamW "
-        f"(fused, as the HF Trainer's default adamw_torch_fused), clip_grad_norm_ {cfg.optim.clip_grad}",
+        f"(fused, as the HF Trainer's default adamw_torch_fused), clip_grad_norm_ {cfg.optim.clip_grad}; "
+        "in a process of its own, "
+        + ("glibc malloc keeping freed memory (--hf-reuse-host-memory)" if args.hf_reuse_host_memory
+           else "malloc's defaults")
+        + f"; megaforge's process: trainer.reuse_host_memory={str(t.reuse_host_memory).lower()}",
         f"peak memory: {mem}",
     ]
 
@@ -453,6 +554,10 @@ def main() -> None:
                    help="after the timed steps, profile one more step of each model; print its top K ops")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for MFU; default: data sheet on known GPUs, measured matmul on CPU")
+    p.add_argument("--hf-reuse-host-memory", action="store_true",
+                   help="give Hugging Face's process megaforge's trainer.reuse_host_memory setting (glibc malloc keeps "
+                        "freed memory); default: glibc's defaults, as its users get them")
+    p.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)  # MODE,PRECISION: Hugging Face's process
     args = p.parse_args()
     if args.compile and args.modes:
         p.error("give --compile or --modes, not both")
@@ -466,6 +571,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     global PROFILE_TOP
     PROFILE_TOP = args.profile
+    if args.hf_worker:
+        hf_worker(args, *args.hf_worker.split(","))
+        return
 
     shm = "/dev/shm" if args.device == "cuda" and os.path.isdir("/dev/shm") else None
     with tempfile.TemporaryDirectory(prefix="mf-bench-", dir=shm) as tmp:
@@ -486,19 +594,24 @@ def main() -> None:
                 cfg = run_config(args, precision, mode == "compiled", tmp)
                 batches = make_batches(cfg, args.warmup + args.steps, device)
                 peak = peak_flops(device, precision, args.peak_tflops)
-                if args.interleave:
-                    hf, ours = run_interleaved(cfg, batches, args.warmup, padded_vocab, args.hf_activation, tmp)
-                    release(device)
-                else:
-                    hf = measure("huggingface", device, run_hf, cfg, batches, args.warmup, padded_vocab,
-                                 args.hf_activation)
-                    ours = measure("megaforge", device, run_megaforge, cfg, batches, args.warmup, tmp)
+                hf_process = HFProcess(mode, precision)
+                try:
+                    if args.interleave:
+                        hf, ours = run_interleaved(cfg, hf_process, batches, args.warmup, tmp)
+                        release(device)
+                    else:
+                        hf = hf_measurement(hf_process)
+                        hf_process.close()  # its memory back before megaforge is built
+                        ours = measure("megaforge", device, run_megaforge, cfg, batches, args.warmup, tmp)
+                finally:
+                    hf_process.close()
                 n, fpt = ours.n_params, ours.fpt
                 if ours.error:  # the FLOPs from the model on meta
                     with torch.device("meta"):
                         n = get_spec(cfg.model.family).build(cfg.model).num_parameters(exclude_positions=True)
                     fpt = flops_per_token(cfg.model, n)
                 label = mode + "".join(f" + {o}" for o in args.set)  # the megaforge overrides, if any
+                label += " + HF reusing host memory" if args.hf_reuse_host_memory else ""
                 for r in (hf, ours):
                     print(row(args.device, precision, label, shape, r, tokens, fpt, peak), flush=True)
                 print(ratio_row(args.device, precision, label, shape, hf, ours), flush=True)
