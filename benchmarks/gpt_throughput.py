@@ -42,6 +42,7 @@ import gc
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -195,6 +196,7 @@ class Result:
     error: str = ""
     n_params: int = 0  # megaforge: parameters without position embeddings
     fpt: float = 0.0  # megaforge: training FLOPs per token
+    faults: float = math.nan  # minor page faults of the model's process per timed step (its memory faulted in anew)
     info: str = ""  # a note printed under the table
 
 
@@ -216,8 +218,14 @@ def profile_step(device, step, batch, label: str) -> str:
     return f"profile of one {label} step (top {PROFILE_TOP} by self time):\n{table}"
 
 
-def timed(device, warmup_batches, timed_batches, step, label: str = "") -> tuple[float, float, list[float]]:
-    """Run ``step(batch) -> loss`` over the warm-up batches, then the timed ones; (warm-up s, s/step, losses).
+def minor_faults() -> int:
+    """Minor page faults of this process so far (pages the kernel mapped in on first touch)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed(device, warmup_batches, timed_batches, step, label: str = "") -> tuple[float, float, list[float], float]:
+    """Run ``step(batch) -> loss`` over the warm-up batches, then the timed ones; (warm-up s, s/step,
+    losses, minor page faults per timed step).
     CUDA is synchronised before and after each region; a loss is read back only where the step itself
     does so (megaforge's ``train_step`` returns a float every step). With ``PROFILE_TOP`` one more
     step runs under the profiler afterwards (not timed) and its table is printed."""
@@ -228,14 +236,16 @@ def timed(device, warmup_batches, timed_batches, step, label: str = "") -> tuple
         losses.append(step(x))
     sync(device)
     warm = time.perf_counter() - start
+    faults = minor_faults()
     start = time.perf_counter()
     for x in timed_batches:
         losses.append(step(x))
     sync(device)
     per_step = (time.perf_counter() - start) / len(timed_batches)
+    faults = (minor_faults() - faults) / len(timed_batches)
     if PROFILE_TOP:
         PROFILES.append(profile_step(device, step, timed_batches[-1], label))
-    return warm, per_step, [float(v) for v in losses]
+    return warm, per_step, [float(v) for v in losses], faults
 
 
 PROFILES: list[str] = []  # the profile tables of this run, printed at the end
@@ -274,9 +284,9 @@ def megaforge_step(cfg: RunConfig, run_dir: str):
 def run_megaforge(cfg: RunConfig, batches, warmup: int, run_dir: str) -> Result:
     """Time ``Trainer.train_step`` of the run built as ``megaforge train`` builds it."""
     step, runtime, n_params, fpt = megaforge_step(cfg, run_dir)
-    warm, per_step, losses = timed(runtime.device, batches[:warmup], batches[warmup:], step, "megaforge")
+    warm, per_step, losses, faults = timed(runtime.device, batches[:warmup], batches[warmup:], step, "megaforge")
     runtime.close()
-    return Result("megaforge", per_step, warm, 0, losses[0], losses[-1], n_params=n_params, fpt=fpt)
+    return Result("megaforge", per_step, warm, 0, losses[0], losses[-1], n_params=n_params, fpt=fpt, faults=faults)
 
 
 def build_hf(cfg: RunConfig, padded_vocab: int, device: torch.device, activation: str):
@@ -341,9 +351,9 @@ def hf_measurement(hf: HFProcess) -> Result:
 def run_hf(cfg: RunConfig, batches, warmup: int, padded_vocab: int, activation: str) -> Result:
     """Time the Hugging Face step."""
     step, info = hf_step(cfg, padded_vocab, activation)
-    warm, per_step, losses = timed(pick_device(cfg.trainer.device), batches[:warmup], batches[warmup:], step,
-                                   "Hugging Face")
-    return Result("huggingface", per_step, warm, 0, losses[0], losses[-1], info=info)
+    warm, per_step, losses, faults = timed(pick_device(cfg.trainer.device), batches[:warmup], batches[warmup:], step,
+                                           "Hugging Face")
+    return Result("huggingface", per_step, warm, 0, losses[0], losses[-1], info=info, faults=faults)
 
 
 def run_interleaved(cfg: RunConfig, hf: HFProcess, batches, warmup: int, run_dir: str) -> tuple[Result, Result]:
@@ -355,35 +365,39 @@ def run_interleaved(cfg: RunConfig, hf: HFProcess, batches, warmup: int, run_dir
     info = hf.ask(op="build")["info"]
     ours, runtime, n_params, fpt = megaforge_step(cfg, run_dir)
 
-    def megaforge(i: int) -> tuple[float, float]:
+    def megaforge(i: int) -> tuple[float, float, int]:
         sync(device)
-        start = time.perf_counter()
+        faults, start = minor_faults(), time.perf_counter()
         loss = float(ours(batches[i]))
         sync(device)
-        return time.perf_counter() - start, loss
+        return time.perf_counter() - start, loss, minor_faults() - faults
 
-    def huggingface(i: int) -> tuple[float, float]:
+    def huggingface(i: int) -> tuple[float, float, int]:
         reply = hf.ask(op="step", i=i)  # timed there, around the step alone
-        return reply["s"], reply["loss"]
+        return reply["s"], reply["loss"], reply["faults"]
 
     steps = {"huggingface": huggingface, "megaforge": megaforge}
     times: dict[str, list[float]] = {name: [] for name in steps}
+    faults: dict[str, list[int]] = {name: [] for name in steps}
     losses: dict[str, list[float]] = {name: [] for name in steps}
     warm = dict.fromkeys(steps, 0.0)
     for i in range(len(batches)):
         for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
-            elapsed, loss = steps[name](i)
+            elapsed, loss, step_faults = steps[name](i)
             losses[name].append(loss)
             if i < warmup:
                 warm[name] += elapsed
             else:
                 times[name].append(elapsed)
+                faults[name].append(step_faults)
     runtime.close()
     median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    mean_faults = {name: sum(f) / len(f) for name, f in faults.items()}
     return (Result("huggingface", median["huggingface"], warm["huggingface"], 0, losses["huggingface"][0],
-                   losses["huggingface"][-1], info=info + "; interleaved with megaforge, median step"),
+                   losses["huggingface"][-1], info=info + "; interleaved with megaforge, median step",
+                   faults=mean_faults["huggingface"]),
             Result("megaforge", median["megaforge"], warm["megaforge"], 0, losses["megaforge"][0],
-                   losses["megaforge"][-1], n_params=n_params, fpt=fpt))
+                   losses["megaforge"][-1], n_params=n_params, fpt=fpt, faults=mean_faults["megaforge"]))
 
 
 # ---------------------------------------------------------------------------- Hugging Face's process
@@ -447,10 +461,10 @@ def hf_worker(args, mode: str, precision: str) -> None:
                     reply = {"info": info}
                 else:  # step i
                     sync(device)
-                    start = time.perf_counter()
+                    faults, start = minor_faults(), time.perf_counter()
                     loss = float(step(batches[request["i"]]))
                     sync(device)
-                    reply = {"s": time.perf_counter() - start, "loss": loss}
+                    reply = {"s": time.perf_counter() - start, "loss": loss, "faults": minor_faults() - faults}
             except Exception as e:  # noqa: BLE001 - the parent reports it
                 reply = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"}
             channel.write(json.dumps(reply) + "\n")
@@ -505,25 +519,27 @@ def header_lines(args, cfg: RunConfig, device: torch.device, padded_vocab: int) 
 
 
 TABLE_HEAD = ("| device | precision | mode | model | micro-batch × seq | tokens/s | MFU | peak memory | s/step "
-              "| warm-up s | loss first → last |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              "| page faults/step | warm-up s | loss first → last |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def row(device: str, precision: str, mode: str, shape: str, r: Result, tokens: int, fpt: float, peak: float) -> str:
     label = {"huggingface": "Hugging Face `GPT2LMHeadModel`", "megaforge": "megaforge `Trainer.train_step`"}[r.model]
     if r.error:
-        return f"| {device} | {precision} | {mode} | {label} | {shape} | failed: {r.error} | | | | | |"
+        return f"| {device} | {precision} | {mode} | {label} | {shape} | failed: {r.error} | | | | | | |"
     tps = tokens / r.step_s
     return (f"| {device} | {precision} | {mode} | {label} | {shape} | {tps:,.1f} | {100 * fpt * tps / peak:.1f}% "
-            f"| {f'{r.peak_bytes / GIB:.2f} GiB' if r.peak_bytes else 'n/a'} | {r.step_s:.3f} | {r.warmup_s:.1f} "
+            f"| {f'{r.peak_bytes / GIB:.2f} GiB' if r.peak_bytes else 'n/a'} | {r.step_s:.3f} | {r.faults:,.0f} "
+            f"| {r.warmup_s:.1f} "
             f"| {r.first_loss:.3f} → {r.last_loss:.3f} |")
 
 
 def ratio_row(device: str, precision: str, mode: str, shape: str, hf: Result, ours: Result) -> str:
     if hf.error or ours.error:
-        return f"| {device} | {precision} | {mode} | **ratio megaforge / HF** | {shape} | n/a | | | | | |"
+        return f"| {device} | {precision} | {mode} | **ratio megaforge / HF** | {shape} | n/a | | | | | | |"
     mem = f"{ours.peak_bytes / hf.peak_bytes:.2f}×" if hf.peak_bytes > 0 else ""
     return (f"| {device} | {precision} | {mode} | **ratio megaforge / HF** | {shape} | **{hf.step_s / ours.step_s:.2f}×** "
-            f"| | {mem} | | | |")
+            f"| | {mem} | | | | |")
 
 
 def main() -> None:

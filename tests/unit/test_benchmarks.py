@@ -28,6 +28,7 @@ def test_gpt_throughput_prints_both_models_a_ratio_and_profiles(monkeypatch, cap
     assert "failed" not in out, out
     assert "Hugging Face `GPT2LMHeadModel`" in rows[0] and "megaforge `Trainer.train_step`" in rows[1]
     assert "×**" in rows[2]  # the ratio
+    assert "| page faults/step |" in out and all(row.count("|") == 13 for row in rows)  # every row fills every column
     assert out.count("profile of one") == 2 and "aten::" in out
 
 
