@@ -94,16 +94,17 @@ def test_sigterm_saves_exits_75_and_resumes_bitwise(straight: Path, tmp_path: Pa
 
 
 def test_kill_9_cycle_resumes_bitwise(straight: Path, tmp_path: Path):
-    """Three SIGKILLs at random moments (start-up, steps or saves), each followed by the same command:
+    """Three SIGKILLs at random moments of a run's first half (start-up, steps or saves), each followed by the same command:
     the run ends bitwise equal to the uninterrupted one (benchmarks/kill_soak.py --kills N for soaks)."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "toolkit", "train", "gpt-tiny", *SMALL, f"trainer.run_dir={run}"]
-    # the kills fall within the time an uninterrupted run of this command takes on this machine (a fixed
-    # window let a fast machine finish the run before the first kill)
+    # the kills fall within the first half of the time an uninterrupted run of this command takes on this
+    # machine: a fixed window let a fast machine finish the run before the first kill, and 90% of it let a
+    # run 24% faster than the timed one escape the first kill (this seed's delay) on a machine whose speed drifts
     start = time.perf_counter()
     whole = subprocess.run([*cmd[:-1], f"trainer.run_dir={tmp_path / 'timed'}"], cwd=REPO, capture_output=True)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    window = 0.9 * (time.perf_counter() - start)
+    window = 0.5 * (time.perf_counter() - start)
     delivered = soak.kill_cycle(cmd, run, kills=3, max_delay=max(1.0, window), rng=random.Random(0),
                                 final="step_12", log=lambda _: None)
     assert delivered >= 1
