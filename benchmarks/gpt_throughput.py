@@ -223,6 +223,15 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def timed_step(device, step, x) -> tuple[float, float, int]:
+    """One ``step(x)`` timed alone (CUDA synchronised at both ends): (seconds, loss, minor page faults)."""
+    sync(device)
+    faults, start = minor_faults(), time.perf_counter()
+    loss = float(step(x))
+    sync(device)
+    return time.perf_counter() - start, loss, minor_faults() - faults
+
+
 def timed(device, warmup_batches, timed_batches, step, label: str = "") -> tuple[float, float, list[float], float]:
     """Run ``step(batch) -> loss`` over the warm-up batches, then the timed ones; (warm-up s, s/step,
     losses, minor page faults per timed step).
@@ -366,11 +375,7 @@ def run_interleaved(cfg: RunConfig, hf: HFProcess, batches, warmup: int, run_dir
     ours, runtime, n_params, fpt = megaforge_step(cfg, run_dir)
 
     def megaforge(i: int) -> tuple[float, float, int]:
-        sync(device)
-        faults, start = minor_faults(), time.perf_counter()
-        loss = float(ours(batches[i]))
-        sync(device)
-        return time.perf_counter() - start, loss, minor_faults() - faults
+        return timed_step(device, ours, batches[i])
 
     def huggingface(i: int) -> tuple[float, float, int]:
         reply = hf.ask(op="step", i=i)  # timed there, around the step alone
@@ -460,11 +465,8 @@ def hf_worker(args, mode: str, precision: str) -> None:
                     step, info = hf_step(cfg, padded_vocab, activation)
                     reply = {"info": info}
                 else:  # step i
-                    sync(device)
-                    faults, start = minor_faults(), time.perf_counter()
-                    loss = float(step(batches[request["i"]]))
-                    sync(device)
-                    reply = {"s": time.perf_counter() - start, "loss": loss, "faults": minor_faults() - faults}
+                    seconds, loss, faults = timed_step(device, step, batches[request["i"]])
+                    reply = {"s": seconds, "loss": loss, "faults": faults}
             except Exception as e:  # noqa: BLE001 - the parent reports it
                 reply = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"}
             channel.write(json.dumps(reply) + "\n")

@@ -4,8 +4,8 @@ glibc's ``malloc`` hands every block above its mmap threshold (128 KiB, rising t
 straight to the kernel with ``mmap`` and back with ``munmap`` when freed. A training step allocates
 and frees the same large tensors every time (a GPT-2 step on 2 k tokens: the 0.4 GB logits, their
 log-softmax and gradient, the 0.15 GB embedding gradient), so each step faults its memory in again
-page by page and the kernel zeroes every page first: 0.5–1 M page faults and 1.4–5 s of kernel CPU
-time per step measured for the 124M shape on 2 cores (docs/performance.md). With
+page by page and the kernel zeroes every page first: 0.54–0.63 M page faults and 1.4–5 s of kernel
+CPU time per step measured for the 124M shape on 2 cores (docs/performance.md). With
 ``trainer.reuse_host_memory: true`` megaforge tells glibc to serve every block from its heap and keep
 freed memory there (``mallopt(M_MMAP_MAX, 0)`` and a 2 GiB ``M_TRIM_THRESHOLD``; what Intel's CPU
 tuning guides get from preloading jemalloc or tcmalloc), and steady-state steps fault no pages.
@@ -14,8 +14,8 @@ It is off by default because a heap can fragment: a freed block is reused only b
 fits it *with* ``posix_memalign``'s padding, so a large tensor freed while a small block made after
 it lives on leaves a hole the next tensor of the same size cannot take, and the heap grows (seen:
 ``torch.empty(2**26).fill_(1)`` made and freed in a loop grew it by 256 MiB a turn after the second).
-Measured on the 124M step: peak RSS +13% with unfused logits,
-settling within 9 steps; no growth with ``model.fused_cross_entropy``. Memory freed by the run goes
+Measured on the 124M step over 6 steps: peak RSS +15% with unfused logits; with
+``model.fused_cross_entropy`` the peak stayed below the unfused default. Memory freed by the run goes
 back to the system only from the top of the heap. Other C libraries are left alone.
 """
 
@@ -34,7 +34,7 @@ TRIM_THRESHOLD = 2**31 - 1  # bytes free at the heap's top before glibc gives th
 
 def keep_freed_memory() -> bool:
     """Make this process's glibc ``malloc`` serve large blocks from its heap and keep freed memory for
-    reuse; False (and nothing changed) where the C library is not glibc or refuses."""
+    reuse; False where the C library is not glibc or refuses a setting."""
     if platform.libc_ver()[0] != "glibc":
         return False
     try:
