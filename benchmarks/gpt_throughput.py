@@ -351,7 +351,7 @@ def hf_measurement(hf: HFProcess) -> Result:
     """The sequential Hugging Face measurement, made in its process (a failure becomes a row)."""
     try:
         reply = hf.ask(op="run")
-    except RuntimeError as e:
+    except HFError as e:
         return Result("huggingface", error=str(e)[:200])
     PROFILES.extend(reply["profiles"])
     return Result(**reply["result"])
@@ -386,16 +386,18 @@ def run_interleaved(cfg: RunConfig, hf: HFProcess, batches, warmup: int, run_dir
     faults: dict[str, list[int]] = {name: [] for name in steps}
     losses: dict[str, list[float]] = {name: [] for name in steps}
     warm = dict.fromkeys(steps, 0.0)
-    for i in range(len(batches)):
-        for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
-            elapsed, loss, step_faults = steps[name](i)
-            losses[name].append(loss)
-            if i < warmup:
-                warm[name] += elapsed
-            else:
-                times[name].append(elapsed)
-                faults[name].append(step_faults)
-    runtime.close()
+    try:
+        for i in range(len(batches)):
+            for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
+                elapsed, loss, step_faults = steps[name](i)
+                losses[name].append(loss)
+                if i < warmup:
+                    warm[name] += elapsed
+                else:
+                    times[name].append(elapsed)
+                    faults[name].append(step_faults)
+    finally:
+        runtime.close()
     median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     mean_faults = {name: sum(f) / len(f) for name, f in faults.items()}
     return (Result("huggingface", median["huggingface"], warm["huggingface"], 0, losses["huggingface"][0],
@@ -406,6 +408,10 @@ def run_interleaved(cfg: RunConfig, hf: HFProcess, batches, warmup: int, run_dir
 
 
 # ---------------------------------------------------------------------------- Hugging Face's process
+
+
+class HFError(RuntimeError):
+    """Hugging Face's process answered a request with an error (or exited)."""
 
 
 class HFProcess:
@@ -426,10 +432,10 @@ class HFProcess:
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"the Hugging Face process exited (code {self.proc.wait()}) on {request['op']}")
+            raise HFError(f"the Hugging Face process exited (code {self.proc.wait()}) on {request['op']}")
         reply = json.loads(line)
         if "error" in reply:
-            raise RuntimeError(reply["error"])
+            raise HFError(reply["error"])
         return reply
 
     def close(self) -> None:
@@ -471,6 +477,21 @@ def hf_worker(args, mode: str, precision: str) -> None:
                 reply = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"}
             channel.write(json.dumps(reply) + "\n")
             channel.flush()
+
+
+def interleaved_rows(cfg: RunConfig, hf: HFProcess, batches, warmup: int, run_dir: str) -> tuple[Result, Result]:
+    """:func:`run_interleaved`; a failure of either model (e.g. out of memory) becomes a pair of rows,
+    the failed model's with its error, the other's marked unmeasured, and the next row still runs."""
+    try:
+        return run_interleaved(cfg, hf, batches, warmup, run_dir)
+    except Exception as e:  # noqa: BLE001 - reported as rows
+        failed = "huggingface" if isinstance(e, HFError) else "megaforge"
+        msg = str(e) if failed == "huggingface" else f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        other = "not measured: interleaved with the failed " + ("Hugging Face" if failed == "huggingface" else
+                                                                "megaforge") + " step"
+        rows = {failed: Result(failed, error=msg[:200])}
+        rows.update({name: Result(name, error=other) for name in ("huggingface", "megaforge") if name != failed})
+        return rows["huggingface"], rows["megaforge"]
 
 
 def measure(name: str, device: torch.device, fn, *fn_args) -> Result:
@@ -615,7 +636,7 @@ def main() -> None:
                 hf_process = HFProcess(mode, precision)
                 try:
                     if args.interleave:
-                        hf, ours = run_interleaved(cfg, hf_process, batches, args.warmup, tmp)
+                        hf, ours = interleaved_rows(cfg, hf_process, batches, args.warmup, tmp)
                         release(device)
                     else:
                         hf = hf_measurement(hf_process)

@@ -47,3 +47,23 @@ def test_gpt_throughput_interleaved(monkeypatch, capsys):
     assert len(rows) == 3 and "failed" not in out and "interleaved with megaforge" in out, out
     assert "n/a" in rows[0] and "×**" in rows[2]
     assert "in a process of its own, malloc's defaults" in out  # Hugging Face's settings are not megaforge's
+
+
+def test_gpt_throughput_interleaved_failure_is_a_row(monkeypatch, capsys):
+    # Hugging Face's model cannot be built (no such activation): its row says why, megaforge's says it was not
+    # measured, the ratio is n/a, and the benchmark ends normally instead of with the child's error
+    argv = [str(BENCH), "--recipe", "gpt-tiny", "--layers", "1", "--hidden", "32", "--heads", "4", "--vocab", "250",
+            "--seq", "16", "--micro-batch", "2", "--steps", "1", "--precisions", "fp32", "--threads", "1",
+            "--interleave", "--hf-activation", "no_such_activation"]
+    monkeypatch.setattr(sys, "argv", argv)
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(BENCH), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| cpu | fp32 | eager |")]
+    assert len(rows) == 3, out
+    assert "failed: KeyError" in rows[0] and "no_such_activation" in rows[0], rows[0]
+    assert "failed: not measured: interleaved with the failed Hugging Face step" in rows[1], rows[1]
+    assert "| n/a |" in rows[2]
