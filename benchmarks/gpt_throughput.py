@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -198,11 +198,14 @@ class Result:
     fpt: float = 0.0  # megaforge: training FLOPs per token
     faults: float = math.nan  # minor page faults of the model's process per timed step (its memory faulted in anew)
     info: str = ""  # a note printed under the table
+    rss_trace: list = field(default_factory=list)  # --rss-trace, CPU: (RSS, peak RSS so far) in bytes after each step
 
 
 #: ``--profile K``: after the timed steps, one more step of each model under ``torch.profiler``, and the
 #: K ops with the most self time printed below the table (0 = off)
 PROFILE_TOP = 0
+#: ``--rss-trace``: read the process's RSS and peak RSS after every step (CPU), printed below the table
+RSS_TRACE = False
 
 
 def profile_step(device, step, batch, label: str) -> str:
@@ -232,6 +235,16 @@ def timed_step(device, step, x) -> tuple[float, float, int]:
     return time.perf_counter() - start, loss, minor_faults() - faults
 
 
+RSS_AFTER_STEPS: list[tuple[int, int]] = []  # --rss-trace: this process's (RSS, peak RSS) after each step
+
+
+def trace_rss(device: torch.device) -> None:
+    """With ``--rss-trace`` on CPU: note the process's RSS and peak RSS (``VmRSS``, ``VmHWM``) now (a
+    /proc read, microseconds: inside the timed loop, it does not move the step time)."""
+    if RSS_TRACE and device.type == "cpu":
+        RSS_AFTER_STEPS.append((_proc_kib("VmRSS") * 1024, _proc_kib("VmHWM") * 1024))
+
+
 def timed(device, warmup_batches, timed_batches, step, label: str = "") -> tuple[float, float, list[float], float]:
     """Run ``step(batch) -> loss`` over the warm-up batches, then the timed ones; (warm-up s, s/step,
     losses, minor page faults per timed step).
@@ -243,12 +256,14 @@ def timed(device, warmup_batches, timed_batches, step, label: str = "") -> tuple
     start = time.perf_counter()
     for x in warmup_batches:
         losses.append(step(x))
+        trace_rss(device)
     sync(device)
     warm = time.perf_counter() - start
     faults = minor_faults()
     start = time.perf_counter()
     for x in timed_batches:
         losses.append(step(x))
+        trace_rss(device)
     sync(device)
     per_step = (time.perf_counter() - start) / len(timed_batches)
     faults = (minor_faults() - faults) / len(timed_batches)
@@ -293,9 +308,11 @@ def megaforge_step(cfg: RunConfig, run_dir: str):
 def run_megaforge(cfg: RunConfig, batches, warmup: int, run_dir: str) -> Result:
     """Time ``Trainer.train_step`` of the run built as ``megaforge train`` builds it."""
     step, runtime, n_params, fpt = megaforge_step(cfg, run_dir)
+    RSS_AFTER_STEPS.clear()
     warm, per_step, losses, faults = timed(runtime.device, batches[:warmup], batches[warmup:], step, "megaforge")
     runtime.close()
-    return Result("megaforge", per_step, warm, 0, losses[0], losses[-1], n_params=n_params, fpt=fpt, faults=faults)
+    return Result("megaforge", per_step, warm, 0, losses[0], losses[-1], n_params=n_params, fpt=fpt, faults=faults,
+                  rss_trace=list(RSS_AFTER_STEPS))
 
 
 def build_hf(cfg: RunConfig, padded_vocab: int, device: torch.device, activation: str):
@@ -360,9 +377,11 @@ def hf_measurement(hf: HFProcess) -> Result:
 def run_hf(cfg: RunConfig, batches, warmup: int, padded_vocab: int, activation: str) -> Result:
     """Time the Hugging Face step."""
     step, info = hf_step(cfg, padded_vocab, activation)
+    RSS_AFTER_STEPS.clear()
     warm, per_step, losses, faults = timed(pick_device(cfg.trainer.device), batches[:warmup], batches[warmup:], step,
                                            "Hugging Face")
-    return Result("huggingface", per_step, warm, 0, losses[0], losses[-1], info=info, faults=faults)
+    return Result("huggingface", per_step, warm, 0, losses[0], losses[-1], info=info, faults=faults,
+                  rss_trace=list(RSS_AFTER_STEPS))
 
 
 def run_interleaved(cfg: RunConfig, hf: HFProcess, batches, warmup: int, run_dir: str) -> tuple[Result, Result]:
@@ -557,6 +576,11 @@ def row(device: str, precision: str, mode: str, shape: str, r: Result, tokens: i
             f"| {r.first_loss:.3f} → {r.last_loss:.3f} |")
 
 
+def rss_trace_line(r: Result, label: str) -> str:
+    name = {"huggingface": "Hugging Face", "megaforge": "megaforge"}[r.model]
+    return f"{name}, {label}: " + " ".join(f"{rss / GIB:.2f} ({hwm / GIB:.2f})" for rss, hwm in r.rss_trace)
+
+
 def ratio_row(device: str, precision: str, mode: str, shape: str, hf: Result, ours: Result) -> str:
     if hf.error or ours.error:
         return f"| {device} | {precision} | {mode} | **ratio megaforge / HF** | {shape} | n/a | | | | | | |"
@@ -596,6 +620,9 @@ def main() -> None:
     p.add_argument("--hf-reuse-host-memory", action="store_true",
                    help="give Hugging Face's process megaforge's trainer.reuse_host_memory setting (glibc malloc keeps "
                         "freed memory); default: glibc's defaults, as its users get them")
+    p.add_argument("--rss-trace", action="store_true",
+                   help="CPU, sequential runs: print each model's RSS and peak RSS after every step (heap growth over "
+                        "a long run, e.g. with --steps 40 and trainer.reuse_host_memory)")
     p.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)  # MODE,PRECISION: Hugging Face's process
     args = p.parse_args()
     if args.compile and args.modes:
@@ -606,10 +633,12 @@ def main() -> None:
     precisions = (args.precisions or ("bf16" if args.device == "cuda" else "fp32,bf16")).split(",")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.rss_trace and args.interleave:
+        p.error("--rss-trace traces sequential runs (one model in memory at a time); leave out --interleave")
     if args.threads:
         torch.set_num_threads(args.threads)
-    global PROFILE_TOP
-    PROFILE_TOP = args.profile
+    global PROFILE_TOP, RSS_TRACE
+    PROFILE_TOP, RSS_TRACE = args.profile, args.rss_trace
     if args.hf_worker:
         hf_worker(args, *args.hf_worker.split(","))
         return
@@ -627,7 +656,7 @@ def main() -> None:
         print(TABLE_HEAD, flush=True)
         tokens = cfg0.trainer.micro_batch_size * cfg0.model.seq_length
         shape = f"{cfg0.trainer.micro_batch_size} × {cfg0.model.seq_length}"
-        notes = []
+        notes, traces = [], []
         for mode in modes:
             for precision in precisions:
                 cfg = run_config(args, precision, mode == "compiled", tmp)
@@ -655,11 +684,16 @@ def main() -> None:
                     print(row(args.device, precision, label, shape, r, tokens, fpt, peak), flush=True)
                 print(ratio_row(args.device, precision, label, shape, hf, ours), flush=True)
                 notes += [r.info for r in (hf, ours) if r.info]
+                traces += [rss_trace_line(r, f"{mode} {precision}") for r in (hf, ours) if r.rss_trace]
                 notes.append(f"{mode} {precision}: MFU against {peak / 1e12:.3g} TFLOP/s; "
                              f"N = {n:,} parameters without positions, {fpt / 1e9:.3f} GFLOP/token")
         print()
         for line in dict.fromkeys(notes):
             print(line)
+        if traces:
+            print("\nRSS after each step, GiB, warm-up steps included (in brackets: the process's peak RSS so far):")
+            for line in traces:
+                print(line)
         for text in PROFILES:
             print(f"\n{text}")
 

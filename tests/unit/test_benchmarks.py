@@ -3,6 +3,7 @@ change to ``Trainer.train_step`` that breaks it shows up here, not on a rented G
 
 from __future__ import annotations
 
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "gpt_throughput.py"
 def test_gpt_throughput_prints_both_models_a_ratio_and_profiles(monkeypatch, capsys):
     argv = [str(BENCH), "--recipe", "gpt-tiny", "--layers", "2", "--hidden", "64", "--heads", "4", "--vocab", "250",
             "--seq", "32", "--micro-batch", "2", "--steps", "1", "--precisions", "fp32", "--threads", "1",
-            "--profile", "3"]
+            "--profile", "3", "--rss-trace"]
     monkeypatch.setattr(sys, "argv", argv)
     threads = torch.get_num_threads()
     try:
@@ -30,6 +31,9 @@ def test_gpt_throughput_prints_both_models_a_ratio_and_profiles(monkeypatch, cap
     assert "×**" in rows[2]  # the ratio
     assert "| page faults/step |" in out and all(row.count("|") == 13 for row in rows)  # every row fills every column
     assert out.count("profile of one") == 2 and "aten::" in out
+    traces = [line for line in out.splitlines() if line.startswith(("Hugging Face, eager fp32: ", "megaforge, eager fp32: "))]
+    assert len(traces) == 2, out  # one RSS (peak) pair per step, the warm-up step included
+    assert all(len(re.findall(r"\d+\.\d\d \(\d+\.\d\d\)", line)) == 2 for line in traces), traces
 
 
 def test_gpt_throughput_interleaved(monkeypatch, capsys):
