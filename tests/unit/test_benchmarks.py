@@ -13,17 +13,22 @@ import torch
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "gpt_throughput.py"
 
 
-def test_gpt_throughput_prints_both_models_a_ratio_and_profiles(monkeypatch, capsys):
-    argv = [str(BENCH), "--recipe", "gpt-tiny", "--layers", "2", "--hidden", "64", "--heads", "4", "--vocab", "250",
-            "--seq", "32", "--micro-batch", "2", "--steps", "1", "--precisions", "fp32", "--threads", "1",
-            "--profile", "3", "--rss-trace"]
+def run_bench(monkeypatch, capsys, *args: str) -> str:
+    """The benchmark on a tiny gpt-tiny shape at one thread, fp32 on CPU, + ``args``: what it printed."""
+    argv = [str(BENCH), "--recipe", "gpt-tiny", "--heads", "4", "--vocab", "250", "--micro-batch", "2",
+            "--precisions", "fp32", "--threads", "1", *args]
     monkeypatch.setattr(sys, "argv", argv)
     threads = torch.get_num_threads()
     try:
         runpy.run_path(str(BENCH), run_name="__main__")
     finally:
         torch.set_num_threads(threads)  # --threads 1 must not slow the rest of the session
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_gpt_throughput_prints_both_models_a_ratio_and_profiles(monkeypatch, capsys):
+    out = run_bench(monkeypatch, capsys, "--layers", "2", "--hidden", "64", "--seq", "32", "--steps", "1",
+                    "--profile", "3", "--rss-trace")
     rows = [line for line in out.splitlines() if line.startswith("| cpu | fp32 | eager |")]
     assert len(rows) == 3, out
     assert "failed" not in out, out
@@ -37,16 +42,8 @@ def test_gpt_throughput_prints_both_models_a_ratio_and_profiles(monkeypatch, cap
 
 
 def test_gpt_throughput_interleaved(monkeypatch, capsys):
-    argv = [str(BENCH), "--recipe", "gpt-tiny", "--layers", "1", "--hidden", "32", "--heads", "4", "--vocab", "250",
-            "--seq", "16", "--micro-batch", "2", "--steps", "2", "--precisions", "fp32", "--threads", "1",
-            "--interleave", "--set", "model.fused_cross_entropy=true"]
-    monkeypatch.setattr(sys, "argv", argv)
-    threads = torch.get_num_threads()
-    try:
-        runpy.run_path(str(BENCH), run_name="__main__")
-    finally:
-        torch.set_num_threads(threads)
-    out = capsys.readouterr().out
+    out = run_bench(monkeypatch, capsys, "--layers", "1", "--hidden", "32", "--seq", "16", "--steps", "2",
+                    "--interleave", "--set", "model.fused_cross_entropy=true")
     rows = [line for line in out.splitlines() if line.startswith("| cpu | fp32 | eager + model.fused_cross_entropy")]
     assert len(rows) == 3 and "failed" not in out and "interleaved with megaforge" in out, out
     assert "n/a" in rows[0] and "×**" in rows[2]
@@ -56,16 +53,8 @@ def test_gpt_throughput_interleaved(monkeypatch, capsys):
 def test_gpt_throughput_interleaved_failure_is_a_row(monkeypatch, capsys):
     # Hugging Face's model cannot be built (no such activation): its row says why, megaforge's says it was not
     # measured, the ratio is n/a, and the benchmark ends normally instead of with the child's error
-    argv = [str(BENCH), "--recipe", "gpt-tiny", "--layers", "1", "--hidden", "32", "--heads", "4", "--vocab", "250",
-            "--seq", "16", "--micro-batch", "2", "--steps", "1", "--precisions", "fp32", "--threads", "1",
-            "--interleave", "--hf-activation", "no_such_activation"]
-    monkeypatch.setattr(sys, "argv", argv)
-    threads = torch.get_num_threads()
-    try:
-        runpy.run_path(str(BENCH), run_name="__main__")
-    finally:
-        torch.set_num_threads(threads)
-    out = capsys.readouterr().out
+    out = run_bench(monkeypatch, capsys, "--layers", "1", "--hidden", "32", "--seq", "16", "--steps", "1",
+                    "--interleave", "--hf-activation", "no_such_activation")
     rows = [line for line in out.splitlines() if line.startswith("| cpu | fp32 | eager |")]
     assert len(rows) == 3, out
     assert "failed: KeyError" in rows[0] and "no_such_activation" in rows[0], rows[0]
