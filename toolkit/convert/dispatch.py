@@ -14,10 +14,12 @@ from toolkit.convert.adapters import family_adapter
 from toolkit.convert.hf import export_hf, import_hf, is_hub_id
 from toolkit.convert.megaforge_folder import check_new_run_dir
 from toolkit.convert.megatron_legacy import RANK_FILE, check_imported_logits, is_megatron_checkpoint, plan_megatron
-from toolkit.convert.nemo import export_nemo, import_nemo, is_nemo_archive, is_nemo_source, nemo_to_hf
+from toolkit.convert.nemo import import_nemo, is_nemo_archive, is_nemo_source, nemo_to_hf
+from toolkit.convert.nemo_export import export_nemo
 from toolkit.convert.peft_export import export_peft
 from toolkit.convert.provenance import update_provenance
 from toolkit.convert.reshard import reshard_offline
+from toolkit.convert.streaming import scratch_dir
 from toolkit.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ def convert(src: str | Path, out: str | Path, *, to: str, verify: bool = False, 
         if kind == "megaforge":
             return reshard_offline(src, out, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                                    virtual_pipeline=virtual_pipeline)
-        with tempfile.TemporaryDirectory(dir=_scratch_parent(out), prefix=".megaforge-convert-") as tmp:
+        with tempfile.TemporaryDirectory(dir=scratch_dir(out), prefix=".megaforge-convert-") as tmp:
             imported = convert(src, Path(tmp) / "imported", to="megaforge", verify=verify, dtype=dtype,
                                tokenizer=tokenizer, vocab_size=vocab_size, tolerance=tolerance)
             return reshard_offline(imported, out, tensor_parallel=tensor_parallel,
@@ -132,12 +134,6 @@ def _import_hf(src, out, *, verify, dtype, tokenizer, tolerance) -> Path:
                               + (f": {detail}" if detail else "")) from None
 
 
-def _scratch_parent(out: str | Path) -> Path | None:
-    """Where an intermediate folder goes: beside ``out`` (same file system), else the system's temp dir."""
-    parent = Path(out).expanduser().resolve().parent
-    return parent if parent.is_dir() else None
-
-
 def _verify_megatron(folder: Path, shapes_checked: int) -> None:
     report = check_imported_logits(folder, shapes_checked=shapes_checked)
     (logger.info if report.ok else logger.error)(report.summary())
@@ -158,7 +154,7 @@ def megatron_to_hf(src: str | Path, out: str | Path, *, verify: bool = False, dt
     """
     plan = plan_megatron(src, tokenizer=tokenizer, vocab_size=vocab_size)
     family_adapter(plan.cfg.family).select(plan.cfg)  # refuses a model no Hugging Face class holds
-    with tempfile.TemporaryDirectory(dir=_scratch_parent(out), prefix=".megaforge-convert-") as tmp:
+    with tempfile.TemporaryDirectory(dir=scratch_dir(out), prefix=".megaforge-convert-") as tmp:
         imported = Path(tmp) / "imported"
         with _TempPathsInLogs(imported, src):
             plan.write(imported, dtype=None, announce=False)

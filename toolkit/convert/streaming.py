@@ -410,3 +410,10 @@ class StepCache:
             step = self._by_dst[name]
             self._cache = dict(zip(step.dst, step.run(self._source.load(step.src), self._ctx)))
         return self._cache.pop(name)
+
+
+def scratch_dir(out: str | Path) -> Path | None:
+    """Where an intermediate file or folder of a conversion writing ``out`` goes: beside ``out`` (the same
+    file system, so the final rename is atomic), else the system's temporary folder (None)."""
+    parent = Path(out).expanduser().resolve().parent
+    return parent if parent.is_dir() else None
