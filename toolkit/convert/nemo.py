@@ -136,7 +136,7 @@ _NEMO1_NORMS = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm", "layernorm1p": "
 
 def nemo1_args(cfg: dict) -> dict:
     """A NeMo 1.x ``model_config.yaml`` (``MegatronGPTModel`` / ``MegatronBertModel``) → Megatron-LM
-    ``args`` as :func:`~toolkit.convert.megatron_legacy.config_from_args` reads them; what megaforge
+    ``args`` as :func:`~toolkit.convert.megatron_args.config_from_args` reads them; what megaforge
     cannot hold is refused naming the NeMo key."""
     block = _value(cfg, "transformer_block_type", "pre_ln")
     if block != "pre_ln":
