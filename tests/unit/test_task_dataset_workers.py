@@ -37,7 +37,6 @@ def test_spawned_loader_workers_get_the_dataset_within_256_open_files(tmp_path):
         import resource
         import sys
 
-        import torch
         from torch.utils.data import DataLoader
 
         sys.path.insert(0, sys.argv[1])
