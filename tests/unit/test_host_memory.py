@@ -5,13 +5,15 @@ fresh processes (the setting is process-wide)."""
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import subprocess
 import sys
 
 import pytest
 
-from toolkit.training.host_memory import apply_reuse_host_memory
+from tests.conftest import run_cli
+from toolkit.training.host_memory import HeapWatch, apply_reuse_host_memory
 
 PROBE = r"""
 import json, resource, sys
@@ -50,3 +52,28 @@ def test_off_by_default_and_false_leaves_the_process_alone():
 
     assert TrainerConfig().reuse_host_memory is False
     assert apply_reuse_host_memory(False) is False
+
+
+def test_heap_watch_warns_once_on_growth_after_the_first_steps(caplog):
+    gib = 2**30
+    # grows to the step's size over 3 steps (ignored), then flat, then +0.2 GiB (under 25%), then +1.5 GiB
+    rss = iter([1 * gib, 2 * gib, 3 * gib, 3 * gib, int(3.2 * gib), int(3.2 * gib), int(4.5 * gib), 5 * gib])
+    watch = HeapWatch(read=lambda: next(rss))
+    with caplog.at_level(logging.WARNING, logger="toolkit.training.host_memory"):
+        seen = [watch.after_step() for _ in range(8)]
+    assert seen[-1] == 5 * gib
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "after step 7" in warnings[0] and "3.00 GiB after step 3" in warnings[0], warnings
+    assert "trainer.reuse_host_memory=false" in warnings[0]
+    assert HeapWatch(read=lambda: None).after_step() is None  # no /proc: nothing read, nothing said
+
+
+def test_a_cpu_run_with_reuse_logs_its_host_rss(tmp_path):
+    # in a process of its own: the setting is process-wide
+    out = run_cli("train", "gpt-tiny", "trainer.max_steps=3", "trainer.log_interval=1", "trainer.eval_interval=0",
+                  "trainer.reuse_host_memory=true", "trainer.sample_tokens=0", f"trainer.run_dir={tmp_path / 'run'}",
+                  isolated=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rss = [r["host_rss_gib"] for r in records if "step" in r]
+    assert len(rss) == 3 and all(0.1 < v < 20 for v in rss), records

@@ -38,6 +38,7 @@ from toolkit.optim import lr_at, set_lr
 from toolkit.parallel.pipeline import Pipeline
 from toolkit.parallel.runtime import ParallelRuntime
 from toolkit.training.batch_wait import TimedBatches
+from toolkit.training.host_memory import HeapWatch
 from toolkit.training.loggers import MetricsFile, TensorBoardLogger, WandbLogger, plot_losses
 from toolkit.training.metrics import peak_flops
 from toolkit.training.precision import Precision
@@ -139,6 +140,8 @@ class Trainer:
         self.best: float | None = None  # best value of metric_for_best so far
         self.fresh_head = fresh_head
         self.data_workers = cfg.data.num_workers  # loader processes for the training batches
+        # host RSS after each step while glibc keeps freed memory (trainer.reuse_host_memory, CPU runs)
+        self.heap_watch = HeapWatch() if cfg.trainer.reuse_host_memory and self.device.type == "cpu" else None
         self.skipped_in_a_row = 0  # consecutive steps skipped for a non-finite loss or gradient norm
         self.skipped_total = 0
         self.signal_received: str | None = None  # set by the SIGTERM / trainer.exit_signal handler
@@ -455,6 +458,9 @@ class Trainer:
                                       "data_wait_s": interval_wait, "data_wait_frac": interval_wait / interval_time}
             if self.precision.scaler.is_enabled():
                 record["loss_scale"] = float(self.precision.scaler.get_scale())
+            rss = self.heap_watch.after_step() if self.heap_watch else None
+            if rss is not None:
+                record["host_rss_gib"] = rss / 2**30
             self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
             self.skipped_total += skipped
             if self.skipped_total:
