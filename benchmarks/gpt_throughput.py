@@ -57,7 +57,7 @@ from toolkit.models.common.loss import lm_cross_entropy
 from toolkit.optim import build_optimizer, param_groups
 from toolkit.parallel.runtime import setup as setup_runtime
 from toolkit.registry import get_spec
-from toolkit.training.host_memory import apply_reuse_host_memory
+from toolkit.training.host_memory import apply_reuse_host_memory, proc_status_bytes
 from toolkit.training.metrics import flops_per_token, peak_flops
 from toolkit.training.run import _compiled_objective, build_model_parts, compile_layers, pick_device, setup_tokenizer
 from toolkit.training.trainer import PartOptimizers, Trainer
@@ -133,14 +133,6 @@ def make_batches(cfg: RunConfig, n: int, device: torch.device) -> list[torch.Ten
 # ---------------------------------------------------------------------------- memory
 
 
-def _proc_kib(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 class PeakMemory:
     """Peak memory of what runs inside: CUDA ``max_memory_allocated`` above what was allocated at the
     start; on CPU the peak RSS (``VmHWM``, reset at the start) above the RSS at the start."""
@@ -162,12 +154,12 @@ class PeakMemory:
         with contextlib.suppress(OSError):
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")  # reset VmHWM to the current RSS
-        self.base = _proc_kib("VmRSS") * 1024
+        self.base = proc_status_bytes("VmRSS") or 0
 
     def peak(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated() - self.base
-        return _proc_kib("VmHWM") * 1024 - self.base
+        return (proc_status_bytes("VmHWM") or 0) - self.base
 
 
 def release(device: torch.device) -> None:
@@ -242,7 +234,7 @@ def trace_rss(device: torch.device) -> None:
     """With ``--rss-trace`` on CPU: note the process's RSS and peak RSS (``VmRSS``, ``VmHWM``) now (a
     /proc read, microseconds: inside the timed loop, it does not move the step time)."""
     if RSS_TRACE and device.type == "cpu":
-        RSS_AFTER_STEPS.append((_proc_kib("VmRSS") * 1024, _proc_kib("VmHWM") * 1024))
+        RSS_AFTER_STEPS.append((proc_status_bytes("VmRSS") or 0, proc_status_bytes("VmHWM") or 0))
 
 
 def timed(device, warmup_batches, timed_batches, step, label: str = "") -> tuple[float, float, list[float], float]:

@@ -51,16 +51,22 @@ def keep_freed_memory() -> bool:
 GIB = 2**30
 
 
-def resident_bytes() -> int | None:
-    """This process's resident set size (``VmRSS``); None where ``/proc`` does not say."""
+def proc_status_bytes(key: str) -> int | None:
+    """A memory field of this process's ``/proc/self/status`` in bytes (``VmRSS``: resident now,
+    ``VmHWM``: peak resident); None where ``/proc`` does not say."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size (``VmRSS``); None where ``/proc`` does not say."""
+    return proc_status_bytes("VmRSS")
 
 
 class HeapWatch:

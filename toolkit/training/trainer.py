@@ -38,7 +38,7 @@ from toolkit.optim import lr_at, set_lr
 from toolkit.parallel.pipeline import Pipeline
 from toolkit.parallel.runtime import ParallelRuntime
 from toolkit.training.batch_wait import TimedBatches
-from toolkit.training.host_memory import HeapWatch
+from toolkit.training.host_memory import GIB, HeapWatch
 from toolkit.training.loggers import MetricsFile, TensorBoardLogger, WandbLogger, plot_losses
 from toolkit.training.metrics import peak_flops
 from toolkit.training.precision import Precision
@@ -460,7 +460,7 @@ class Trainer:
                 record["loss_scale"] = float(self.precision.scaler.get_scale())
             rss = self.heap_watch.after_step() if self.heap_watch else None
             if rss is not None:
-                record["host_rss_gib"] = rss / 2**30
+                record["host_rss_gib"] = rss / GIB
             self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
             self.skipped_total += skipped
             if self.skipped_total:
